@@ -1,0 +1,77 @@
+"""Atomic, self-describing checkpoints.
+
+A checkpoint holds plain types and tensors only, so `torch.load(path, weights_only=True)` reads it; it carries
+`model_name` and `model_config`, so any script can rebuild the model from the file alone.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from training.config import ConfigError
+from training.runtime import rng_state
+
+
+def atomic_torch_save(obj: object, path: Path) -> None:
+    """Write to a temporary name in the same folder, then rename: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def make_state(
+    model: nn.Module,
+    model_name: str,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    **progress: object,
+) -> dict:
+    """Everything needed to resume: weights, optimizer, scaler, RNG streams, model config and progress counters
+    (epoch, step, stage, best metric, history, run config... passed as keyword arguments)."""
+    state = {
+        "model_name": model_name,
+        "model_config": dict(model.config),
+        "model": model.state_dict(),
+        "rng": rng_state(),
+        **progress,
+    }
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    atomic_torch_save(state, path)
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:
+    """Load a checkpoint written by `save_checkpoint`; a missing or foreign file is a one-line `ConfigError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not one of our checkpoints"
+        raise ConfigError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    if not isinstance(state, dict) or "model_name" not in state or "model" not in state:
+        raise ConfigError(f"{path} is not a checkpoint of this toolkit (no model_name/model entries)")
+    return state
+
+
+def load_model_weights(model: nn.Module, state: dict, expected_name: str, path: Path | str = "checkpoint") -> None:
+    """Load `state["model"]` into `model`, with a clear error when the checkpoint belongs to another model."""
+    if state["model_name"] != expected_name:
+        raise ConfigError(f"{path} holds a '{state['model_name']}' model, this script trains '{expected_name}'")
+    if dict(state["model_config"]) != dict(model.config):
+        changed = sorted(k for k in set(state["model_config"]) | set(model.config)
+                         if state["model_config"].get(k) != model.config.get(k))
+        raise ConfigError(f"{path} was trained with another model config (differs in: {', '.join(changed)}); "
+                          "use another RUN_NAME or the same settings")
+    model.load_state_dict(state["model"])

@@ -1,0 +1,62 @@
+"""Command-line overrides of a script's UPPER_SNAKE constants: `--batch_size=32` or `--batch-size=32`.
+
+Values are parsed as Python literals (`--modalities="('audio',)"`, `--amp=False`); anything that is not a
+literal stays a string (`--data_root=/content/drive/RAVDESS`).
+"""
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration; scripts print it as one line and exit with status 2."""
+
+
+def _parse_value(text: str) -> object:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def config_keys(namespace: dict) -> list[str]:
+    """The overridable constants of a script: its UPPER_SNAKE globals holding plain values."""
+    plain = (bool, int, float, str, list, tuple, dict, type(None))
+    return sorted(k for k, v in namespace.items() if k.isupper() and not k.startswith("_") and isinstance(v, plain))
+
+
+def _check_type(key: str, old: object, new: object) -> object:
+    # An int where a float is expected is fine (LR=1e-3 vs --lr=0); a string where a number is expected is a typo.
+    if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
+        return float(new)
+    if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(new, str):
+        raise ConfigError(f"--{key.lower()} expects a number, got '{new}'")
+    if isinstance(old, bool) and not isinstance(new, bool):
+        raise ConfigError(f"--{key.lower()} expects True or False, got '{new}'")
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        return type(old)(new)
+    return new
+
+
+def apply_overrides(namespace: dict, argv: list[str]) -> dict:
+    """Apply `--key=value` arguments to the UPPER_SNAKE constants in `namespace`; return the resolved config."""
+    keys = config_keys(namespace)
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"arguments look like --key=value, got '{arg}'")
+        name, text = arg[2:].split("=", 1)
+        key = name.replace("-", "_").upper()
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = f" (did you mean --{close[0].lower()}?)" if close else ""
+            raise ConfigError(f"unknown option --{name}{hint}")
+        namespace[key] = _check_type(key, namespace[key], _parse_value(text))
+    return {k: namespace[k] for k in config_keys(namespace)}
+
+
+def to_jsonable(config: dict) -> dict:
+    """The config with tuples as lists and paths as strings, so it round-trips through JSON."""
+    return json.loads(json.dumps(config, default=lambda o: str(o) if isinstance(o, Path) else repr(o)))

@@ -1,0 +1,138 @@
+"""Run folders: `checkpoints/<script>/<run_name>/` with config.json, log.jsonl, checkpoints, metrics and figures.
+
+The same command with the same run name finds `ckpt_last.pt` there and resumes (a Colab disconnect loses
+at most one epoch).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from training.checkpoint import atomic_torch_save
+from training.config import to_jsonable
+
+CHECKPOINT_ROOT = Path("checkpoints")
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class RunFolder:
+    """One run's folder. `root` defaults to ./checkpoints (a script's OUTPUT_DIR constant can move it)."""
+
+    def __init__(self, script: str, run_name: str, root: Path | str = CHECKPOINT_ROOT):
+        self.script, self.run_name, self.root = script, run_name, Path(root)
+        self.dir = self.root / script / run_name
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "figures").mkdir(exist_ok=True)
+        self.last = self.dir / "ckpt_last.pt"
+        self.best = self.dir / "ckpt_best.pt"
+
+    def sub(self, name: str) -> "RunFolder":
+        """A nested run folder (one per cross-validation fold)."""
+        return RunFolder(self.script, f"{self.run_name}/{name}", root=self.root)
+
+    def write_config(self, config: dict, runtime_description: str = "") -> None:
+        info = {
+            "config": to_jsonable(config),
+            "argv": sys.argv,
+            "git_commit": _git_commit(),
+            "versions": {"python": platform.python_version(), "torch": torch.__version__},
+            "device": runtime_description,
+            "written": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        _atomic_write_text(self.dir / "config.json", json.dumps(info, indent=2))
+
+    def log(self, record: dict) -> None:
+        with open(self.dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(to_jsonable(record)) + "\n")
+
+    def read_log(self) -> list[dict]:
+        path = self.dir / "log.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def write_metrics(self, metrics: dict, name: str = "metrics.json") -> Path:
+        path = self.dir / name
+        _atomic_write_text(path, json.dumps(to_jsonable(metrics), indent=2))
+        return path
+
+    def has_checkpoint(self) -> bool:
+        return self.last.is_file()
+
+    def save_crash_dump(self, batch: dict, state: dict, reason: str) -> Path:
+        """Save the failing batch and the state before the step, for `debug_gradients.py --replay=...`."""
+        path = self.dir / "crash" / "crash.pt"
+        cpu_batch = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in batch.items()}
+        atomic_torch_save({**state, "batch": cpu_batch, "reason": reason}, path)
+        return path
+
+    def plot_history(self, history: list[dict]) -> Path | None:
+        """Loss and accuracy curves per epoch (train and validation) as figures/training_curves.png."""
+        if not history:
+            return None
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        epochs = [h["epoch"] for h in history]
+        fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+        ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
+        ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation")
+        ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
+        ax_acc.plot(epochs, [h["train_accuracy"] for h in history], label="train")
+        ax_acc.plot(epochs, [h["val_accuracy"] for h in history], label="validation")
+        ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
+        for ax in (ax_loss, ax_acc):
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        path = self.dir / "figures" / "training_curves.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+    def plot_confusion(self, confusion: list[list[int]], class_names: list[str], title: str) -> Path:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        matrix = np.asarray(confusion, dtype=np.float64)
+        rows = matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1)
+        fig, ax = plt.subplots(figsize=(6.5, 5.5))
+        image = ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+        ax.set_yticks(range(len(class_names)), class_names)
+        for i in range(len(class_names)):
+            for j in range(len(class_names)):
+                ax.text(j, i, int(matrix[i, j]), ha="center", va="center",
+                        color="white" if rows[i, j] > 0.5 else "black", fontsize=8)
+        ax.set(xlabel="predicted", ylabel="true", title=title)
+        fig.colorbar(image, ax=ax, fraction=0.046)
+        fig.tight_layout()
+        path = self.dir / "figures" / "confusion_matrix.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+

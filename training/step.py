@@ -1,0 +1,122 @@
+"""The training step, evaluation and the learning-rate schedule: the one tested place for AMP and clipping.
+
+Order of a step: zero grads -> forward under autocast -> loss finite? -> scaled backward -> unscale ->
+(the optional monitor reads true-scale gradients) -> global-norm clip (the norm is always computed) ->
+scaler step -> scaler update -> was the step skipped by the scaler?
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.metrics import classification_metrics
+from training.runtime import Runtime
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss of a batch was NaN or inf; the caller saves a crash dump and stops."""
+
+    def __init__(self, loss: float, step: int | None = None):
+        where = f" at step {step}" if step is not None else ""
+        super().__init__(f"non-finite loss ({loss}){where}")
+        self.loss = loss
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float  # global L2 norm of the true-scale gradients before clipping (inf/nan when overflowed)
+    skipped: bool  # the GradScaler skipped the optimizer step because a gradient overflowed
+    scale: float  # the loss scale used for this step (1.0 without a scaler)
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    """Move the tensors of a batch dict to `device`; other values (clip ids) pass through."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def cross_entropy(logits: torch.Tensor, batch: dict, label_smoothing: float = 0.0) -> torch.Tensor:
+    # Computed in float32: a float16 log-softmax over confident logits is where many "first batch NaN"s come from.
+    return F.cross_entropy(logits.float(), batch["label"], label_smoothing=label_smoothing)
+
+
+def train_step(
+    model: nn.Module,
+    batch: dict,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    runtime: Runtime,
+    *,
+    loss_fn: Callable[[torch.Tensor, dict], torch.Tensor] = cross_entropy,
+    clip_norm: float | None = 1.0,
+    after_unscale: Callable[[], None] | None = None,
+) -> StepResult:
+    """One optimisation step on `batch` (already on the device). Raises `NonFiniteLossError`.
+
+    The caller puts the model in train mode (`stages.train_mode`), so frozen parts can stay in eval mode.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    with runtime.autocast():
+        logits = model(batch)
+    loss = loss_fn(logits, batch)
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(loss.item())
+    scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    if after_unscale is not None:
+        after_unscale()
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    max_norm = clip_norm if clip_norm else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
+    scaler.step(optimizer)
+    scaler.update()
+    skipped = scaler.is_enabled() and scaler.get_scale() < scale
+    if not scaler.is_enabled() and not torch.isfinite(grad_norm):
+        # Without a scaler nothing catches an overflowed gradient: the optimizer already applied it.
+        raise NonFiniteLossError(float(grad_norm))
+    return StepResult(loss=loss.item(), grad_norm=float(grad_norm), skipped=bool(skipped), scale=float(scale))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, runtime: Runtime) -> tuple[np.ndarray, np.ndarray, float]:
+    """Labels, predictions and mean loss over a loader."""
+    model.eval()
+    labels, preds, losses, count = [], [], 0.0, 0
+    for batch in loader:
+        batch = move_batch(batch, runtime.device)
+        with runtime.autocast():
+            logits = model(batch)
+        losses += F.cross_entropy(logits.float(), batch["label"], reduction="sum").item()
+        count += len(batch["label"])
+        labels.append(batch["label"].cpu().numpy())
+        preds.append(logits.argmax(dim=-1).cpu().numpy())
+    if count == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), float("nan")
+    return np.concatenate(labels), np.concatenate(preds), losses / count
+
+
+def evaluate(model: nn.Module, loader, runtime: Runtime, num_classes: int = 8) -> dict:
+    """Accuracy, UAR, macro-F1, per-class accuracy, confusion matrix and mean loss of `model` on `loader`."""
+    labels, preds, loss = predict(model, loader, runtime)
+    return {**classification_metrics(labels, preds, num_classes), "loss": loss}
+
+
+def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr_ratio: float = 0.05) -> float:
+    """Linear warmup to `base_lr`, then cosine decay to `min_lr_ratio * base_lr` at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the LR of every param group, honouring a per-group `lr_scale` (e.g. a smaller LR for backbones)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
