@@ -1,0 +1,182 @@
+"""MultimodalFER: the full (~150M-parameter) audio-visual model with LFM2 fusion (`train_full_model.py`).
+
+audio log-mel -> AudioEncoder -> S segment tokens ┐
+face frames (or per-clip features) -> S tokens  ──┼─ + modality embedding -> LFM2 stack -> attention pool -> 8 logits
+                                                  ┘
+Each token's rotary position is its time-segment index, so `audio_i` and `visual_i` (the same stretch of the clip)
+share a position and attention sees audio-visual time offsets directly. A missing modality, or one dropped by
+modality dropout in training, is a learned placeholder (S, width) that never goes through the encoder.
+
+The original 149M model produced NaN from the first batch; what this version does about it (see
+`benchmarks/legacy_instability.py` for the study): float32 norms and softmax, QK-norm (`qk_norm=False` rebuilds the
+legacy recipe), no additive masks, depth-scaled or zero-initialised residual output projections (`init_weights`).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from models.encoders import AttentionPool, AudioEncoder, FeatureEncoder, FrameEncoder, encode_present
+from models.init import apply_init
+from models.layers import AttentionMap, count_parameters, modality_token_labels
+from models.lfm2 import LFM2Stack
+
+MODALITIES = ("audio", "visual")
+VISUAL_INPUTS = ("frames", "features")
+# LFM2-350M's block layout: 16 blocks, attention in 6 of them (2, 5, 8, 10, 12, 14), the short convolution elsewhere.
+LFM2_LAYOUT = ("conv", "conv", "attn", "conv", "conv", "attn", "conv", "conv",
+               "attn", "conv", "attn", "conv", "attn", "conv", "attn", "conv")
+
+
+class MultimodalFER(nn.Module):
+    def __init__(
+        self,
+        modalities: Sequence[str] = MODALITIES,
+        visual_input: str = "frames",
+        feature_dim: int = 35,
+        width: int = 768,
+        n_segments: int = 8,
+        audio_channels: Sequence[int] = (32, 64, 128, 256),
+        frame_backbone: str = "resnet18",
+        pretrained: bool = False,
+        frame_input_size: int | None = None,
+        layout: str | Sequence[str] = LFM2_LAYOUT,
+        n_heads: int = 12,
+        n_kv_heads: int = 4,
+        mlp_hidden: int = 2816,
+        conv_kernel: int = 3,
+        conv_padding: str = "centred",
+        qk_norm: bool = True,
+        rope_base: float = 10000.0,
+        dropout: float = 0.1,
+        encoder_dropout: float = 0.1,
+        modality_dropout: float = 0.0,
+        gradient_checkpointing: bool = False,
+        num_classes: int = 8,
+    ):
+        super().__init__()
+        modalities = tuple(modalities)
+        if not modalities or any(m not in MODALITIES for m in modalities):
+            raise ValueError(f"modalities must be a non-empty subset of {MODALITIES}, got {modalities}")
+        if visual_input not in VISUAL_INPUTS:
+            raise ValueError(f"visual_input must be 'frames' or 'features', got '{visual_input}'")
+        if not 0.0 <= modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
+        layout = layout if isinstance(layout, str) else list(layout)
+        self.config = {
+            "modalities": list(modalities), "visual_input": visual_input, "feature_dim": feature_dim,
+            "width": width, "n_segments": n_segments, "audio_channels": list(audio_channels),
+            "frame_backbone": frame_backbone, "pretrained": pretrained, "frame_input_size": frame_input_size,
+            "layout": layout, "n_heads": n_heads, "n_kv_heads": n_kv_heads, "mlp_hidden": mlp_hidden,
+            "conv_kernel": conv_kernel, "conv_padding": conv_padding, "qk_norm": qk_norm, "rope_base": rope_base,
+            "dropout": dropout, "encoder_dropout": encoder_dropout, "modality_dropout": modality_dropout,
+            "gradient_checkpointing": gradient_checkpointing, "num_classes": num_classes,
+        }
+        self.modalities, self.visual_input, self.n_segments = modalities, visual_input, n_segments
+        self.modality_dropout, self.gradient_checkpointing = modality_dropout, gradient_checkpointing
+        if "audio" in modalities:
+            self.audio_encoder = AudioEncoder(width, channels=tuple(audio_channels), n_tokens=n_segments,
+                                              dropout=encoder_dropout)
+            self.audio_missing = nn.Parameter(torch.randn(n_segments, width) * 0.02)
+        if "visual" in modalities:
+            if visual_input == "frames":
+                self.visual_encoder = FrameEncoder(width, frame_backbone, pretrained, n_tokens=n_segments,
+                                                   input_size=frame_input_size, dropout=encoder_dropout)
+            else:
+                self.visual_encoder = FeatureEncoder(feature_dim, width, n_tokens=n_segments, dropout=encoder_dropout)
+            self.visual_missing = nn.Parameter(torch.randn(n_segments, width) * 0.02)
+        self.modality_embedding = nn.Parameter(torch.randn(len(modalities), width) * 0.02)
+        self.fusion = LFM2Stack(width, layout, n_heads, n_kv_heads, mlp_hidden, conv_kernel, conv_padding,
+                                qk_norm, dropout, rope_base, gradient_checkpointing)
+        self.pool = AttentionPool(width)
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes))
+
+    # ------------------------------------------------------------------------------------------- tokens
+    def _present(self, batch: dict, modality: str, reference: torch.Tensor) -> torch.Tensor:
+        present = batch.get(f"has_{modality}")
+        if present is None:
+            return torch.ones(reference.shape[0], dtype=torch.bool, device=reference.device)
+        return present.to(device=reference.device, dtype=torch.bool)
+
+    def _drop_modalities(self, present: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """In training, hide one of the two modalities of a sample with probability `modality_dropout`.
+
+        Only samples that have both are eligible, so no sample ever loses its last modality.
+        """
+        if not (self.training and self.modality_dropout > 0 and len(present) == 2):
+            return present
+        audio, visual = present["audio"], present["visual"]
+        drop = (torch.rand(audio.shape, device=audio.device) < self.modality_dropout) & audio & visual
+        drop_audio = drop & (torch.rand(audio.shape, device=audio.device) < 0.5)
+        return {"audio": audio & ~drop_audio, "visual": visual & ~(drop & ~drop_audio)}
+
+    def _encode(self, encoder: nn.Module, inputs: torch.Tensor, present: torch.Tensor,
+                placeholder: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            # The encoders hold most of the activation memory (the ResNet over every frame), so they are
+            # recomputed in backward too. Cost: BatchNorm running statistics see each batch twice.
+            return checkpoint(encode_present, encoder, inputs, present, placeholder, use_reentrant=False)
+        return encode_present(encoder, inputs, present, placeholder)
+
+    def tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Joint token sequence (B, L, width) before fusion, each token's rotary position, and token labels."""
+        inputs = {"audio": batch.get("audio")}
+        if "visual" in self.modalities:
+            inputs["visual"] = batch.get(self.visual_input)
+        for modality in self.modalities:
+            if inputs[modality] is None:
+                key = "audio" if modality == "audio" else self.visual_input
+                raise KeyError(f"MultimodalFER with modality '{modality}' needs batch['{key}']")
+        present = self._drop_modalities({m: self._present(batch, m, inputs[m]) for m in self.modalities})
+        parts = []
+        for index, modality in enumerate(self.modalities):
+            encoder = self.audio_encoder if modality == "audio" else self.visual_encoder
+            placeholder = self.audio_missing if modality == "audio" else self.visual_missing
+            encoded = self._encode(encoder, inputs[modality], present[modality], placeholder)
+            parts.append(encoded + self.modality_embedding[index].to(encoded.dtype))
+        # The residual stream stays float32 under autocast (the matmuls inside the blocks still run in half
+        # precision): sixteen residual additions in float16 is where activations would first overflow.
+        x = torch.cat([p.float() for p in parts], dim=1)
+        positions = torch.arange(self.n_segments, device=x.device).repeat(len(parts))
+        n_audio = self.n_segments if "audio" in self.modalities else 0
+        n_visual = self.n_segments if "visual" in self.modalities else 0
+        return x, positions, modality_token_labels(n_audio, n_visual)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(self, batch: dict) -> torch.Tensor:
+        x, positions, _ = self.tokens(batch)
+        return self.classifier(self.pool(self.fusion(x, positions)))
+
+    @torch.no_grad()
+    def attention_maps(self, batch: dict) -> list[AttentionMap]:
+        """Weights of every attention block of the fusion stack, then of the pooling query over the tokens."""
+        x, positions, labels = self.tokens(batch)
+        maps = self.fusion.attention_maps(x, labels, positions, prefix="fusion.blocks")
+        _, weights = self.pool(self.fusion(x, positions), return_weights=True)
+        maps.append(AttentionMap("pool", weights, ["pool_query"], list(labels)))
+        return maps
+
+    # ------------------------------------------------------------------------------------ init and size
+    def init_weights(self, strategy: str = "scaled_residual", gain: float = 0.5) -> None:
+        """Re-initialise with a `models.init` strategy; residual scaling uses the number of fusion blocks.
+
+        An ImageNet-pretrained frame backbone keeps its weights.
+        """
+        depth = len(self.fusion.blocks)
+        frozen = getattr(self, "visual_encoder", None)
+        keep = frozen.backbone if isinstance(frozen, FrameEncoder) and frozen.pretrained else None
+        for name, child in self.named_children():
+            if name == "visual_encoder" and keep is not None:
+                apply_init(child.proj, strategy, gain, depth)
+            else:
+                apply_init(child, strategy, gain, depth)
+
+    def parameter_breakdown(self) -> dict[str, int]:
+        """Parameter count per component (the learned missing-modality tokens count under `embeddings`)."""
+        breakdown = {name: count_parameters(child) for name, child in self.named_children()}
+        breakdown["embeddings"] = sum(p.numel() for name, p in self.named_parameters(recurse=False))
+        breakdown["total"] = count_parameters(self)
+        return breakdown
