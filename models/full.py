@@ -9,7 +9,12 @@ modality dropout in training, is a learned placeholder (S, width) that never goe
 
 The original 149M model produced NaN from the first batch; what this version does about it (see
 `benchmarks/legacy_instability.py` for the study): float32 norms and softmax, QK-norm (`qk_norm=False` rebuilds the
-legacy recipe), no additive masks, depth-scaled or zero-initialised residual output projections (`init_weights`).
+legacy recipe), no additive masks, depth-scaled or zero-initialised residual output projections (`init_weights`),
+and a float32 residual stream.
+
+`gradient_checkpointing` recomputes each fusion block in backward. The encoders are not checkpointed: recomputing
+a whole encoder brings all of its activations back at once during its backward, so the peak would barely drop,
+and BatchNorm would count each batch twice in its running statistics (`benchmarks/memory_estimate.py` measures it).
 """
 from __future__ import annotations
 
@@ -17,7 +22,6 @@ from typing import Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from models.encoders import AttentionPool, AudioEncoder, FeatureEncoder, FrameEncoder, encode_present
 from models.init import apply_init
@@ -76,7 +80,7 @@ class MultimodalFER(nn.Module):
             "gradient_checkpointing": gradient_checkpointing, "num_classes": num_classes,
         }
         self.modalities, self.visual_input, self.n_segments = modalities, visual_input, n_segments
-        self.modality_dropout, self.gradient_checkpointing = modality_dropout, gradient_checkpointing
+        self.modality_dropout = modality_dropout
         if "audio" in modalities:
             self.audio_encoder = AudioEncoder(width, channels=tuple(audio_channels), n_tokens=n_segments,
                                               dropout=encoder_dropout)
@@ -113,14 +117,6 @@ class MultimodalFER(nn.Module):
         drop_audio = drop & (torch.rand(audio.shape, device=audio.device) < 0.5)
         return {"audio": audio & ~drop_audio, "visual": visual & ~(drop & ~drop_audio)}
 
-    def _encode(self, encoder: nn.Module, inputs: torch.Tensor, present: torch.Tensor,
-                placeholder: torch.Tensor) -> torch.Tensor:
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            # The encoders hold most of the activation memory (the ResNet over every frame), so they are
-            # recomputed in backward too. Cost: BatchNorm running statistics see each batch twice.
-            return checkpoint(encode_present, encoder, inputs, present, placeholder, use_reentrant=False)
-        return encode_present(encoder, inputs, present, placeholder)
-
     def tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Joint token sequence (B, L, width) before fusion, each token's rotary position, and token labels."""
         inputs = {"audio": batch.get("audio")}
@@ -135,7 +131,7 @@ class MultimodalFER(nn.Module):
         for index, modality in enumerate(self.modalities):
             encoder = self.audio_encoder if modality == "audio" else self.visual_encoder
             placeholder = self.audio_missing if modality == "audio" else self.visual_missing
-            encoded = self._encode(encoder, inputs[modality], present[modality], placeholder)
+            encoded = encode_present(encoder, inputs[modality], present[modality], placeholder)
             parts.append(encoded + self.modality_embedding[index].to(encoded.dtype))
         # The residual stream stays float32 under autocast (the matmuls inside the blocks still run in half
         # precision): sixteen residual additions in float16 is where activations would first overflow.
