@@ -60,3 +60,19 @@ def apply_overrides(namespace: dict, argv: list[str]) -> dict:
 def to_jsonable(config: dict) -> dict:
     """The config with tuples as lists and paths as strings, so it round-trips through JSON."""
     return json.loads(json.dumps(config, default=lambda o: str(o) if isinstance(o, Path) else repr(o)))
+
+
+def parse_actors(spec: str | int | list | tuple) -> list[int]:
+    """'1-20' / '1-4,9,21-24' / [21, 22] / 5 -> a sorted list of actor numbers."""
+    if isinstance(spec, int):
+        return [spec]
+    if isinstance(spec, (list, tuple)):
+        return sorted(int(a) for a in spec)
+    actors: set[int] = set()
+    for part in str(spec).replace(" ", "").split(","):
+        try:
+            low, _, high = part.partition("-")
+            actors.update(range(int(low), int(high or low) + 1))
+        except ValueError:
+            raise ConfigError(f"actor list '{spec}' should look like '1-20' or '1-4,9,21-24'") from None
+    return sorted(actors)

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from training.checkpoint import load_checkpoint, load_model_weights, make_state, save_checkpoint
+from training.config import ConfigError
+from training.metrics import summarize_folds
 from training.runs import RunFolder
 from training.runtime import Runtime, set_rng_state
 from training.step import StepResult, evaluate
@@ -99,6 +101,13 @@ def end_epoch(run: RunFolder, progress: Progress, model: nn.Module, model_name: 
     return improved
 
 
+def crash_exit(run: RunFolder, batch: dict, model: nn.Module, model_name: str, err: Exception, where: str) -> None:
+    """Save the failing batch with the model state, then stop with a one-line pointer to the replay tool."""
+    dump = run.save_crash_dump(batch, make_state(model, model_name), str(err))
+    raise SystemExit(f"error: {err} ({where}); crash dump {dump}; "
+                     f"replay it with: python debug_gradients.py --replay={dump}")
+
+
 def next_stage(progress: Progress) -> None:
     """Move the counters to the next stage of progressive training; early stopping restarts per stage."""
     progress.stage += 1
@@ -119,3 +128,28 @@ def final_test(run: RunFolder, model: nn.Module, model_name: str, test_loader, r
     run.plot_confusion(metrics["confusion"], class_names,
                        f"test accuracy {metrics['accuracy']:.1%}, UAR {metrics['uar']:.1%}")
     return metrics
+
+
+def fold_list(fold: int | str, n_folds: int) -> list[int]:
+    """FOLD="all" runs every fold of the cross-validation, an int runs that one fold."""
+    if fold == "all":
+        return list(range(n_folds))
+    if isinstance(fold, int) and 0 <= fold < n_folds:
+        return [fold]
+    raise ConfigError(f"FOLD must be 'all' or 0..{n_folds - 1}, got {fold!r}")
+
+
+def report_folds(run: RunFolder, fold_metrics: list[dict], protocol: str) -> dict:
+    """Print the per-fold table and mean +- std; write cv_metrics.json beside the fold folders."""
+    summary = {"protocol": protocol, **summarize_folds(fold_metrics),
+               "folds": [{k: m[k] for k in ("fold", "test_actors", "accuracy", "uar", "macro_f1")}
+                         for m in fold_metrics]}
+    print(f"\n{protocol}")
+    print(f"{'fold':>4}  {'test actors':<14} {'accuracy':>9} {'UAR':>7} {'macro-F1':>9}")
+    for m in summary["folds"]:
+        actors = f"{min(m['test_actors'])}-{max(m['test_actors'])}"
+        print(f"{m['fold']:>4}  {actors:<14} {m['accuracy']:>9.1%} {m['uar']:>7.1%} {m['macro_f1']:>9.1%}")
+    acc, uar = summary["accuracy"], summary["uar"]
+    print(f"mean  {'':<14} {acc['mean']:>9.1%} {uar['mean']:>7.1%}   (std {acc['std']:.1%} / {uar['std']:.1%})")
+    run.write_metrics(summary, "cv_metrics.json")
+    return summary

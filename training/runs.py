@@ -78,6 +78,11 @@ class RunFolder:
         _atomic_write_text(path, json.dumps(to_jsonable(metrics), indent=2))
         return path
 
+    def read_metrics(self, name: str = "metrics.json") -> dict | None:
+        """The final metrics of a finished run (None while it is unfinished)."""
+        path = self.dir / name
+        return json.loads(path.read_text()) if path.exists() else None
+
     def has_checkpoint(self) -> bool:
         return self.last.is_file()
 
