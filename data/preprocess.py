@@ -50,6 +50,7 @@ FACE_FRAMES = 4      # sampled frames searched for a face
 FACE_WIDTH = 320     # px, detection runs on frames downscaled to this width
 FACE_MARGIN = 1.25   # crop side = FACE_MARGIN x the detected face box side
 FRAME_SHORTFALL = 0.05  # a video may end this fraction of its declared frame count early (container rounding)
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".webm", ".mkv", ".m4v")  # sound tracks are read with ffmpeg
 
 
 class ClipError(Exception):
@@ -137,8 +138,9 @@ def _run(cmd: list[str], path: Path) -> bytes:
 
 
 def read_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray | None:
-    """Mono float32 samples of a wav/flac file or an mp4's sound track at `sample_rate`; None if the mp4 has none."""
-    if path.suffix.lower() == ".mp4":
+    """Mono float32 samples of a wav/flac/mp3 file or a video's sound track at `sample_rate`; None if the video
+    has none."""
+    if path.suffix.lower() in VIDEO_EXTENSIONS:
         info = _ffprobe_audio(path)
         if info is None:
             return None
@@ -181,8 +183,8 @@ def log_mel(wave: np.ndarray, settings: Settings = Settings()) -> np.ndarray:
     return torch.log(power + LOG_EPS).numpy().astype(np.float32)
 
 
-def audio_features(path: Path, settings: Settings) -> np.ndarray:
-    """The cached log-mel of one recording; ClipError when it has no usable sound."""
+def read_sound(path: Path, settings: Settings) -> np.ndarray:
+    """The whole recording as mono samples at `settings.sample_rate`; NoSound when it has no usable sound."""
     wave = read_audio(path, settings.sample_rate)
     if wave is None:
         raise NoSound(f"{path.name} has no sound track")
@@ -190,6 +192,12 @@ def audio_features(path: Path, settings: Settings) -> np.ndarray:
         raise NoSound(f"{path.name} has no samples (zero-length audio)")
     if np.abs(wave).max() < SILENCE_PEAK:
         raise NoSound(f"{path.name} is silent (peak below {SILENCE_PEAK})")
+    return wave
+
+
+def audio_features(path: Path, settings: Settings) -> np.ndarray:
+    """The cached log-mel of one recording; ClipError when it has no usable sound."""
+    wave = read_sound(path, settings)
     mel = log_mel(fix_length(wave, round(settings.seconds * settings.sample_rate)), settings)
     if not np.isfinite(mel).all():
         raise ClipError(f"non-finite log-mel values from {path.name}")
@@ -198,17 +206,25 @@ def audio_features(path: Path, settings: Settings) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------------- video
 
-def sample_frame_indices(n_total: int, fps: float, n: int, seconds: float) -> np.ndarray:
-    """Indices of n frames at the centres of n equal segments of a window of `seconds` centred on the video."""
+def sample_frame_indices(n_total: int, fps: float, n: int, seconds: float, start: float | None = None) -> np.ndarray:
+    """Indices of n frames at the centres of n equal segments of a window of `seconds` centred on the video, or
+    beginning at `start` seconds (the sliding windows of predict.py)."""
     duration = n_total / fps
     window = min(seconds, duration)
-    times = (duration - window) / 2 + (np.arange(n) + 0.5) * window / n
+    start = (duration - window) / 2 if start is None else start
+    times = start + (np.arange(n) + 0.5) * window / n
     return np.clip(np.floor(times * fps).astype(int), 0, n_total - 1)
 
 
 def read_frames(path: Path, n: int, seconds: float) -> list[np.ndarray]:
-    """Decode the video once and return n BGR frames sampled by `sample_frame_indices`. Frames that are not wanted
-    are only grabbed (decoded, never converted to BGR), and decoding stops after the last wanted frame."""
+    """n BGR frames of the video sampled by `sample_frame_indices`, decoding it once (see `read_frames_at`)."""
+    return read_frames_at(path, lambda n_total, fps: sample_frame_indices(n_total, fps, n, seconds))
+
+
+def read_frames_at(path: Path, pick: Callable[[int, float], np.ndarray]) -> list[np.ndarray]:
+    """Decode the video once and return the BGR frames at the indices `pick(frame_count, fps)` chooses. Frames
+    that are not wanted are only grabbed (decoded, never converted to BGR), and decoding stops after the last
+    wanted frame."""
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
     try:
         if not cap.isOpened():
@@ -216,7 +232,7 @@ def read_frames(path: Path, n: int, seconds: float) -> list[np.ndarray]:
         n_total, fps = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), cap.get(cv2.CAP_PROP_FPS)
         if n_total <= 0 or not fps > 0:
             raise ClipError(f"video {path.name} reports {n_total} frames at {fps} fps")
-        indices = sample_frame_indices(n_total, fps, n, seconds)
+        indices = pick(n_total, fps)
         wanted = set(int(i) for i in indices)
         got: dict[int, np.ndarray] = {}
         n_read = 0
@@ -308,7 +324,12 @@ def crop_box(shape: tuple[int, ...], face: tuple[int, int, int] | None, margin: 
 
 def video_features(path: Path, settings: Settings) -> tuple[np.ndarray, bool]:
     """uint8 (N, S, S, 3) RGB face crops of one video, and whether a face was found."""
-    frames = read_frames(path, settings.n_frames, settings.seconds)
+    return face_crops(read_frames(path, settings.n_frames, settings.seconds), settings)
+
+
+def face_crops(frames: Sequence[np.ndarray], settings: Settings) -> tuple[np.ndarray, bool]:
+    """uint8 (N, S, S, 3) RGB crops of the BGR frames of one clip around its face box, and whether a face was
+    found."""
     face = find_face(frames, settings)
     x0, y0, side = crop_box(frames[0].shape, face, settings.face_margin)
     crops = [cv2.resize(f[y0:y0 + side, x0:x0 + side], (settings.size, settings.size), interpolation=cv2.INTER_AREA)
