@@ -117,14 +117,16 @@ class Summary:
 
 # ------------------------------------------------------------------------------------------------------- audio
 
-def _ffprobe_audio(path: Path) -> tuple[int, int] | None:
-    """(sample rate, channels) of the first audio stream of `path`, or None when it has no sound track."""
-    out = _run(["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries", "stream=sample_rate,channels",
-                "-of", "csv=p=0", str(path)], path)
-    if not out.strip():
+def _ffprobe_audio(path: Path) -> tuple[int, int, float | None] | None:
+    """(sample rate, channels, declared duration in s or None) of the first audio stream of `path`, or None when
+    it has no sound track."""
+    out = _run(["ffprobe", "-v", "error", "-select_streams", "a:0", "-show_entries",
+                "stream=sample_rate,channels,duration", "-of", "json", str(path)], path)
+    streams = json.loads(out or b"{}").get("streams", [])
+    if not streams:
         return None
-    rate, channels = out.decode().strip().splitlines()[0].split(",")[:2]
-    return int(rate), int(channels)
+    duration = streams[0].get("duration")
+    return int(streams[0]["sample_rate"]), int(streams[0]["channels"]), float(duration) if duration else None
 
 
 def _run(cmd: list[str], path: Path) -> bytes:
@@ -132,8 +134,9 @@ def _run(cmd: list[str], path: Path) -> bytes:
         raise ClipError(f"{cmd[0]} is not installed; it is needed to read the sound track of {path.name}")
     proc = subprocess.run(cmd, capture_output=True, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
-        message = proc.stderr.decode(errors="replace").strip().splitlines()
-        raise ClipError(f"cannot read {path.name}: {message[-1] if message else cmd[0] + ' failed'}")
+        lines = proc.stderr.decode(errors="replace").strip().splitlines()
+        reason = lines[-1].replace(f"{path}: ", "") if lines else f"{cmd[0]} failed"
+        raise ClipError(f"cannot read {path.name}: {reason}")
     return proc.stdout
 
 
@@ -144,11 +147,15 @@ def read_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray | None:
         info = _ffprobe_audio(path)
         if info is None:
             return None
-        rate, channels = info
+        rate, channels, duration = info
         raw = _run(["ffmpeg", "-v", "error", "-nostdin", "-i", str(path), "-map", "0:a:0", "-f", "f32le", "pipe:1"],
                    path)
         samples = np.frombuffer(raw, dtype=np.float32)
         samples = samples[: len(samples) // channels * channels].reshape(-1, channels)
+        # ffmpeg decodes a cut-off file without an error: compare with the duration the container declares.
+        if duration and len(samples) < 0.9 * duration * rate:
+            raise ClipError(f"sound track of {path.name} ends after {len(samples) / rate:.2f} of {duration:.2f} s "
+                            f"(truncated or corrupt)")
     else:
         try:
             samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
@@ -390,9 +397,13 @@ def write_clip(clips_dir: Path, entry: dict, arrays: dict[str, np.ndarray]) -> N
     half-written file that a rerun would take as finished."""
     final = clips_dir / f"{entry['clip_id']}.npz"
     tmp = clips_dir / f"{entry['clip_id']}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        np.savez(f, meta=np.array(json.dumps(entry)), **arrays)
-    os.replace(tmp, final)
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(entry)), **arrays)
+        os.replace(tmp, final)
+    except BaseException:  # including Ctrl-C: leave nothing behind (a killed process's temp file goes next run)
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_meta(npz_path: Path) -> dict | None:

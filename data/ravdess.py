@@ -158,7 +158,8 @@ def scan(root: str | os.PathLike, channel: str = "speech") -> Discovery:
         files[name.modality] = path
         names[name.take] = name
     if not n_valid:
-        raise DataError(f"no RAVDESS files (.mp4/.wav/.flac named MM-VV-EE-II-SS-RR-AA) under {root}")
+        others = f" ({len(skipped)} media files with other names, e.g. {skipped[0][0].name})" if skipped else ""
+        raise DataError(f"no RAVDESS files (.mp4/.wav/.flac named MM-VV-EE-II-SS-RR-AA) under {root}{others}")
     if not takes:
         raise DataError(f"{n_valid} RAVDESS files under {root}, but none of channel '{channel}'")
     clips = [Clip(take, n.actor, n.emotion, n.intensity, n.statement, n.repetition, n.vocal_channel,
