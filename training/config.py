@@ -8,7 +8,9 @@ from __future__ import annotations
 import ast
 import difflib
 import json
+import sys
 from pathlib import Path
+from typing import Callable
 
 
 class ConfigError(ValueError):
@@ -76,3 +78,18 @@ def parse_actors(spec: str | int | list | tuple) -> list[int]:
         except ValueError:
             raise ConfigError(f"actor list '{spec}' should look like '1-20' or '1-4,9,21-24'") from None
     return sorted(actors)
+
+
+def run_script(main: Callable[[], object], namespace: dict, argv: list[str],
+               user_errors: tuple[type[Exception], ...] = ()) -> None:
+    """Apply `--key=value` overrides to a script's constants, then run `main`; a user mistake (a `ConfigError` or
+    one of `user_errors`) ends with one `error: ...` line and exit status 2 instead of a traceback."""
+    try:
+        apply_overrides(namespace, argv)
+        main()
+    except (ConfigError, *user_errors) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; the same command resumes from the last checkpoint", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,102 @@
+"""From a script's data constants to DataLoaders: one place, so the training and debugging scripts agree.
+
+    settings = DataSettings(dataset="ravdess", data_root="../shared/data/ravdess_speech_16k", ...)
+    cache = prepare_data(settings)                         # builds the cache on first use, then reuses it
+    split = make_split(actors, n_folds, fold, n_val_actors)
+    loaders = build_loaders(cache, split, settings)        # .train .val .test .feature_dim .class_names
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch.utils.data import DataLoader
+
+from data.dataset import build_datasets, load_manifest, make_loaders
+from data.preprocess import prepare_cache
+from data.ravdess import EMOTIONS, DataError, Split, kfold_split, split_actors
+from data.synthetic import make_synthetic_ravdess
+
+DATASETS = ("synthetic", "ravdess")
+# The quick-start synthetic set: 12 actors so that a 6-fold split has 8 training actors per fold.
+SYNTHETIC_ACTORS = tuple(range(1, 13))
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    dataset: str = "synthetic"  # "synthetic" or "ravdess"
+    data_root: str = "data/RAVDESS"
+    cache_dir: str = ""  # "" = <output_dir>/cache/<name of data_root>
+    channel: str = "speech"
+    modalities: tuple[str, ...] = ("audio", "visual")
+    visual_input: str = "frames"  # "frames" or "features"
+    feature_file: str = ""
+    spec_augment: bool = True
+    frame_augment: bool = True
+    batch_size: int = 32
+    num_workers: int = 2
+    seed: int = 0
+    output_dir: str = "checkpoints"
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+    feature_dim: int  # width of the per-clip visual features (0 without a feature file)
+    class_names: list[str]
+
+
+def _check(settings: DataSettings) -> None:
+    if settings.dataset not in DATASETS:
+        raise DataError(f"DATASET must be one of {DATASETS}, got '{settings.dataset}'")
+    if settings.visual_input not in ("frames", "features"):
+        raise DataError(f"VISUAL_INPUT must be 'frames' or 'features', got '{settings.visual_input}'")
+    if settings.visual_input == "features" and "visual" in settings.modalities and not settings.feature_file:
+        raise DataError("VISUAL_INPUT='features' needs FEATURE_FILE (an .npz of per-clip features)")
+
+
+def prepare_data(settings: DataSettings) -> Path:
+    """The cache folder for `settings`, preprocessing (or, for 'synthetic', generating) the data on first use."""
+    _check(settings)
+    if settings.dataset == "synthetic":
+        root = Path(settings.output_dir) / "synthetic_ravdess"
+        if not (root / "done").exists():
+            print(f"generating the synthetic RAVDESS-format quick-start set in {root} ...")
+            make_synthetic_ravdess(root, actors=SYNTHETIC_ACTORS, seconds=3.6)
+            (root / "done").touch()
+    else:
+        root = Path(settings.data_root).expanduser()
+        if not root.is_dir():
+            raise DataError(f"DATA_ROOT {root} does not exist (see README: Getting RAVDESS)")
+    cache = Path(settings.cache_dir) if settings.cache_dir else Path(settings.output_dir) / "cache" / root.name
+    # The cache always holds every modality the files have; MODALITIES only selects what the model sees.
+    prepare_cache(root, cache, channel=settings.channel, workers=settings.num_workers or None)
+    return cache
+
+
+def cached_actors(cache: Path) -> list[int]:
+    return sorted({clip["actor"] for clip in load_manifest(cache)["clips"]})
+
+
+def make_split(cache: Path, actors: str | list[int], n_folds: int, fold: int, n_val_actors: int,
+               test_actors: list[int] | str = "", val_actors: list[int] | str = "") -> Split:
+    """Explicit TEST_ACTORS/VAL_ACTORS when given, else fold `fold` of the k-fold split over `actors`
+    ("auto": every actor in the cache, e.g. 1-24 for the full RAVDESS, 1-12 for the synthetic set)."""
+    from training.config import parse_actors
+
+    actors = cached_actors(cache) if actors == "auto" else parse_actors(actors)
+    if test_actors:
+        return split_actors(parse_actors(test_actors), parse_actors(val_actors) if val_actors else 0, actors)
+    return kfold_split(actors, n_folds, fold, n_val_actors)
+
+
+def build_loaders(cache: Path, split: Split, settings: DataSettings) -> Loaders:
+    visual = settings.visual_input if "visual" in settings.modalities else None
+    train, val, test = build_datasets(cache, split, features_file=settings.feature_file or None,
+                                      modalities=settings.modalities, visual=visual,
+                                      spec_augment=settings.spec_augment, frame_augment=settings.frame_augment)
+    train_loader, val_loader, test_loader = make_loaders(train, val, test, settings.batch_size,
+                                                         settings.num_workers, settings.seed)
+    return Loaders(train_loader, val_loader, test_loader, train.feature_dim, list(EMOTIONS))
