@@ -1,0 +1,380 @@
+"""Predict the emotion in face videos and speech recordings with a checkpoint of any of the three models.
+
+Give files or folders (searched recursively) of video (mp4, avi, mov, webm, mkv) or audio (wav, flac, mp3), named
+anything. Each file goes through the preprocessing of training (data/preprocess.py: 16 kHz log-mel, N frames, one
+face box, SxS crops) with the settings the checkpoint was trained with: its run config, else the manifest of the
+cache it was trained on, else the defaults of data/preprocess.py. A file longer than the training window is cut into
+sliding windows whose probabilities are averaged. A sound file gives the model no face, a silent video no sound:
+the model uses its learned missing-modality token. A file that cannot be read is reported and the rest go on; the
+exit status is 1 only if nothing could be predicted.
+
+    python predict.py my_clips/ talk.wav --checkpoint=checkpoints/train_simple_working/simple/ckpt_best.pt
+    python predict.py interview.mp4 --checkpoint=checkpoints/train_lite_model/lite/ckpt_best.pt --output=preds.csv
+    python predict.py --webcam --checkpoint=checkpoints/train_simple_working/simple/ckpt_best.pt   (live, face only)
+Colab:
+    !python predict.py /content/drive/MyDrive/my_clips --checkpoint=/content/drive/MyDrive/ckpt_best.pt --output=preds.json
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from data.preprocess import ClipError, Settings, face_crops, sample_frame_indices
+from data.ravdess import EMOTIONS, DataError
+from data.windows import MEDIA_EXTENSIONS, Windows, is_video, read_windows, to_batch
+from models import ModelConfigError, build_model
+from training.checkpoint import load_checkpoint
+from training.config import ConfigError, apply_overrides, config_keys
+from training.runtime import resolve_device
+
+# ---- model
+CHECKPOINT = "checkpoints/train_simple_working/simple/ckpt_best.pt"  # a ckpt_*.pt of any training script
+DEVICE = "auto"  # "auto" (GPU if there is one), "cpu", "cuda", "cuda:1"
+
+# ---- preprocessing
+PREPROCESS_FROM = ""  # a cache folder (or its manifest.json) whose settings to use; "" = found via the checkpoint
+WINDOW_HOP_SECONDS = 1.0  # seconds between sliding windows on files longer than the training window
+MAX_WINDOWS = 16  # windows per file at most; a longer file gets this many, spread evenly (frames kept: x N)
+
+# ---- output
+OUTPUT = ""  # "" = table only; "preds.json" or "preds.csv" also writes the predictions there
+TOP_K = 3  # classes listed per file
+
+# ---- live camera (face frames only: no sound is recorded)
+WEBCAM = False  # True (or a bare --webcam): predict from a camera instead of files, until Ctrl-C
+CAMERA = 0  # OpenCV camera index
+WEBCAM_EVERY_SECONDS = 1.0  # seconds between two live predictions
+
+
+@dataclass
+class Predictor:
+    """A checkpoint's model in eval mode with the preprocessing it was trained with."""
+
+    model: nn.Module
+    model_name: str
+    settings: Settings
+    settings_source: str
+    device: torch.device
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(self.model.config["modalities"])
+
+    @property
+    def visual_input(self) -> str:
+        return self.model.config.get("visual_input", "frames")
+
+    @property
+    def uses_audio(self) -> bool:
+        return "audio" in self.modalities
+
+    @property
+    def uses_frames(self) -> bool:
+        return "visual" in self.modalities and self.visual_input == "frames"
+
+    def describe(self) -> str:
+        visual = "" if "visual" not in self.modalities else f" ({self.visual_input})"
+        params = sum(p.numel() for p in self.model.parameters())
+        return f"model '{self.model_name}' ({params:,} parameters) on {'+'.join(self.modalities)}{visual}"
+
+    @torch.inference_mode()
+    def probabilities(self, windows: Windows) -> np.ndarray:
+        """Class probabilities of a file: the softmax of each window, averaged over the windows."""
+        batch = to_batch(windows, self.settings, self.visual_input, self.model.config.get("feature_dim", 35))
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        return self.model(batch).float().softmax(dim=-1).mean(dim=0).cpu().numpy()
+
+
+@dataclass
+class Prediction:
+    """One row of the output: the averaged probabilities, or the reason the file could not be predicted."""
+
+    file: str
+    probabilities: list[float] | None = None
+    windows: int = 0
+    inputs: str = ""  # modalities the model was given, e.g. "audio+video"
+    notes: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    def top(self, k: int) -> list[tuple[str, float]]:
+        order = np.argsort(self.probabilities)[::-1][:k]
+        return [(EMOTIONS[i], float(self.probabilities[i])) for i in order]
+
+    def record(self, k: int) -> dict:
+        """The row as plain types (JSON); a file that failed has no emotion and no probabilities."""
+        top = self.top(k) if self.probabilities is not None else []
+        return {"file": self.file, "emotion": top[0][0] if top else None, "probability": top[0][1] if top else None,
+                "top": [{"emotion": e, "probability": p} for e, p in top],
+                "probabilities": dict(zip(EMOTIONS, self.probabilities)) if top else None,
+                "windows": self.windows, "inputs": self.inputs, "notes": self.notes, "error": self.error}
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+def _settings_from(values: dict) -> Settings:
+    known = {f.name for f in fields(Settings)}
+    kept = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in known}
+    return Settings(**kept)
+
+
+def _manifest_settings(path: Path) -> Settings | None:
+    manifest = path / "manifest.json" if path.is_dir() else path
+    if not manifest.is_file():
+        return None
+    try:
+        return _settings_from(json.loads(manifest.read_text())["settings"])
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{manifest} is not a cache manifest (no usable 'settings')") from None
+
+
+def _training_cache(run: dict) -> Path:
+    """Where the training run's cache was, by the rule of data/setup.prepare_data (relative to the current folder,
+    as the run was usually started from the repository root)."""
+    if run.get("CACHE_DIR"):
+        return Path(run["CACHE_DIR"]).expanduser()
+    data = "synthetic_ravdess" if run.get("DATASET") == "synthetic" else Path(str(run.get("DATA_ROOT", ""))).name
+    return Path(run.get("OUTPUT_DIR", "checkpoints")) / "cache" / data
+
+
+def preprocessing_settings(state: dict, preprocess_from: str = "") -> tuple[Settings, str]:
+    """The preprocessing settings for a checkpoint and where they came from: PREPROCESS_FROM, else settings stored
+    in the checkpoint's run config (constants named like the fields of Settings, e.g. N_FRAMES, SECONDS), else the
+    manifest of the cache the run trained on, else the defaults of data/preprocess.py."""
+    if preprocess_from:
+        settings = _manifest_settings(Path(preprocess_from).expanduser())
+        if settings is None:
+            raise ConfigError(f"--preprocess_from={preprocess_from}: no manifest.json there")
+        return settings, f"cache manifest {preprocess_from}"
+    run = state.get("run_config") or {}
+    stored = {f.name: run[f.name.upper()] for f in fields(Settings) if f.name.upper() in run}
+    if stored:
+        return _settings_from(stored), f"the checkpoint's run config ({', '.join(k.upper() for k in stored)})"
+    if run:
+        cache = _training_cache(run)
+        settings = _manifest_settings(cache)
+        if settings is not None:
+            return settings, f"the training cache manifest {cache / 'manifest.json'}"
+    return Settings(), "the defaults of data/preprocess.py (none stored with the checkpoint)"
+
+
+def load_predictor(checkpoint: str | Path, device: str = "auto", preprocess_from: str = "") -> Predictor:
+    """Rebuild the checkpoint's model from its stored name and config, load the weights, eval mode."""
+    state = load_checkpoint(Path(checkpoint).expanduser())
+    config = dict(state["model_config"])
+    # The weights come from the checkpoint: downloading ImageNet weights first would be wasted (and fails offline).
+    if config.get("pretrained"):
+        config["pretrained"] = False
+    model = build_model(state["model_name"], config)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ConfigError(f"{checkpoint}: the weights do not fit the stored model config "
+                          f"({str(err).splitlines()[0]})") from None
+    resolved = resolve_device(device)
+    model.to(resolved).eval()
+    settings, source = preprocessing_settings(state, preprocess_from)
+    predictor = Predictor(model, state["model_name"], settings, source, resolved)
+    if not predictor.uses_audio and not predictor.uses_frames:
+        raise ConfigError(f"{checkpoint}: this model sees only per-clip visual features (visual_input='features', "
+                          "e.g. OpenFace action units), which predict.py cannot compute from a video or sound file")
+    return predictor
+
+
+# ---------------------------------------------------------------------------------------------- prediction
+
+def collect_files(paths: list[str]) -> tuple[list[Path], list[Prediction]]:
+    """The media files named or found (recursively) under `paths`, and a failed row for each path that is
+    neither."""
+    files: list[Path] = []
+    problems: list[Prediction] = []
+    for text in paths:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in MEDIA_EXTENSIONS
+                           and not p.name.startswith("."))
+            files += found
+            if not found:
+                problems.append(Prediction(text, error=f"no {'/'.join(e[1:] for e in MEDIA_EXTENSIONS)} files here"))
+        elif path.is_file():
+            files.append(path)
+        else:
+            problems.append(Prediction(text, error="no such file or folder"))
+    return files, problems
+
+
+def predict_file(path: Path, predictor: Predictor, hop: float, max_windows: int) -> Prediction:
+    """One file's prediction; a file that cannot be read or holds nothing the model uses gives a failed row."""
+    notes = []
+    if is_video(path) and "visual" in predictor.modalities and not predictor.uses_frames:
+        notes.append("video frames not used: the model's visual input is per-clip features (audio only)")
+    try:
+        windows = read_windows(path, predictor.settings, audio=predictor.uses_audio, frames=predictor.uses_frames,
+                               hop=hop, max_windows=max_windows)
+    except ClipError as err:
+        return Prediction(str(path), notes=notes, error=str(err))
+    inputs = "+".join(m for m, present in (("audio", windows.logmel is not None),
+                                           ("video", windows.frames is not None)) if present)
+    if windows.n_windows > 1:
+        apart = windows.starts[1] - windows.starts[0]
+        notes.append(f"{windows.n_windows} windows {apart:.1f} s apart over {windows.duration:.1f} s")
+    return Prediction(str(path), predictor.probabilities(windows).tolist(), windows.n_windows, inputs,
+                      notes + windows.notes)
+
+
+def format_table(predictions: list[Prediction], k: int) -> str:
+    """A fixed-width table: file, predicted emotion, probability, top k, windows, inputs, notes or error."""
+    rows = [("file", "emotion", "prob", f"top {k}", "windows", "inputs", "notes")]
+    for p in predictions:
+        if p.error:
+            rows.append((p.file, "-", "-", "-", "-", "-", f"error: {p.error}"))
+        else:
+            (emotion, prob), top = p.top(1)[0], p.top(k)
+            rows.append((p.file, emotion, f"{prob:.2f}", ", ".join(f"{e} {q:.2f}" for e, q in top), str(p.windows),
+                         p.inputs, "; ".join(p.notes)))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows).rstrip()
+
+
+def write_output(predictions: list[Prediction], path: Path, k: int, header: dict) -> None:
+    """predictions as JSON (header + one record per file) or CSV (one row per file, a column per class)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    records = [p.record(k) for p in predictions]
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps({**header, "predictions": records}, indent=1))
+        return
+    columns = ["file", "emotion", "probability", "top", "windows", "inputs", "notes", "error",
+               *(f"p_{e}" for e in EMOTIONS)]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        for r in records:
+            probabilities = r.pop("probabilities") or {}
+            writer.writerow({**r, "top": "; ".join(f"{t['emotion']} {t['probability']:.4f}" for t in r["top"]),
+                             "notes": "; ".join(r["notes"]), "error": r["error"] or "",
+                             **{f"p_{e}": probabilities.get(e, "") for e in EMOTIONS}})
+
+
+def check_output(output: str) -> Path | None:
+    if not output:
+        return None
+    path = Path(output).expanduser()
+    if path.suffix.lower() not in (".json", ".csv"):
+        raise ConfigError(f"--output={output}: give a file name ending in .json or .csv")
+    return path
+
+
+# --------------------------------------------------------------------------------------------------- camera
+
+def open_camera(index: int) -> cv2.VideoCapture:
+    # OpenCV logs its own multi-line warnings for a missing camera; the one-line error below says it all.
+    previous = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
+    try:
+        cap = cv2.VideoCapture(index)
+        if not cap.isOpened():
+            raise ConfigError(f"no camera found at index {index} (--camera=N picks another one)")
+    finally:
+        cv2.utils.logging.setLogLevel(previous)
+    return cap
+
+
+def run_webcam(predictor: Predictor, camera: int, every: float, k: int) -> None:
+    """Print the running prediction of the last training window of camera frames until Ctrl-C."""
+    if not predictor.uses_frames:
+        raise ConfigError("--webcam needs a model that sees face frames; this one uses "
+                          f"{'+'.join(predictor.modalities)} ({predictor.visual_input})")
+    cap = open_camera(camera)
+    fps = cap.get(cv2.CAP_PROP_FPS) or 30.0  # some cameras report 0
+    settings = predictor.settings
+    recent: deque = deque(maxlen=max(settings.n_frames, round(settings.seconds * fps)))
+    print(f"camera {camera} at {fps:.0f} fps, a prediction every {every:g} s from the last {settings.seconds:g} s "
+          "of frames (no sound); Ctrl-C stops")
+    last = 0.0
+    try:
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                raise ConfigError(f"camera {camera} stopped delivering frames")
+            recent.append(frame)
+            if len(recent) < recent.maxlen or time.monotonic() - last < every:
+                continue
+            last = time.monotonic()
+            picks = sample_frame_indices(len(recent), fps, settings.n_frames, settings.seconds)
+            crops, face = face_crops([recent[i] for i in picks], settings)
+            windows = Windows(Path(f"camera {camera}"), settings.seconds, [None], None, crops[None], int(face))
+            top = Prediction("camera", predictor.probabilities(windows).tolist()).top(k)
+            line = ", ".join(f"{e} {p:.2f}" for e, p in top) + ("" if face else "  (no face found)")
+            print(f"\r{line:<70}", end="", flush=True)
+    except KeyboardInterrupt:
+        print()
+    finally:
+        cap.release()
+
+
+# ----------------------------------------------------------------------------------------------------- main
+
+def main(paths: list[str]) -> int:
+    """Predict every file under `paths` (or the camera with WEBCAM); returns the exit status."""
+    output = check_output(OUTPUT)
+    if WEBCAM and paths:
+        raise ConfigError("give files or --webcam, not both")
+    if not WEBCAM and not paths:
+        raise ConfigError("give one or more files or folders to predict (see the docstring of predict.py)")
+    if not WINDOW_HOP_SECONDS > 0 or MAX_WINDOWS < 1 or not 1 <= TOP_K <= len(EMOTIONS):
+        raise ConfigError(f"--window_hop_seconds must be > 0, --max_windows >= 1 and --top_k 1-{len(EMOTIONS)}")
+    # Unreadable files are reported in the table; OpenCV's own warnings about them would only add noise.
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    predictor = load_predictor(CHECKPOINT, DEVICE, PREPROCESS_FROM)
+    print(f"{predictor.describe()} from {CHECKPOINT}")
+    s = predictor.settings
+    print(f"preprocessing from {predictor.settings_source}: {s.seconds:g} s windows, {s.n_frames} frames of "
+          f"{s.size}x{s.size}, {s.n_mels} mel bands at {s.sample_rate} Hz")
+    if WEBCAM:
+        run_webcam(predictor, CAMERA, WEBCAM_EVERY_SECONDS, TOP_K)
+        return 0
+    files, predictions = collect_files(paths)
+    for path in tqdm(files, desc="predicting", unit="file", disable=len(files) < 2, leave=False):
+        predictions.append(predict_file(path, predictor, WINDOW_HOP_SECONDS, MAX_WINDOWS))
+    print(format_table(predictions, TOP_K))
+    n_ok = sum(p.error is None for p in predictions)
+    print(f"{n_ok} of {len(predictions)} predicted")
+    if output is not None:
+        write_output(predictions, output, TOP_K, {"checkpoint": str(CHECKPOINT), "model": predictor.model_name,
+                                                  "preprocessing": s.to_json()})
+        print(f"wrote {output}")
+    return 0 if n_ok else 1
+
+
+def split_arguments(argv: list[str], namespace: dict) -> tuple[list[str], list[str]]:
+    """Positional paths and --key=value options; a bare --flag of a True/False constant means --flag=True."""
+    flags = {k.lower() for k in config_keys(namespace) if isinstance(namespace[k], bool)}
+    paths, options = [], []
+    for arg in argv:
+        if not arg.startswith("--"):
+            paths.append(arg)
+        elif "=" not in arg and arg[2:].replace("-", "_").lower() in flags:
+            options.append(arg + "=True")
+        else:
+            options.append(arg)
+    return paths, options
+
+
+if __name__ == "__main__":
+    try:
+        positional, overrides = split_arguments(sys.argv[1:], globals())
+        apply_overrides(globals(), overrides)
+        sys.exit(main(positional))
+    except (ConfigError, DataError, ModelConfigError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
