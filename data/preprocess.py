@@ -22,7 +22,8 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -442,9 +443,22 @@ def _check_settings(cache_dir: Path, settings: Settings) -> None:
 
 
 def _worker_init() -> None:
-    # Each worker is one process on one core: library thread pools would only fight over the same cores.
+    # Each worker is one process on one core: library thread pools would only fight over the same cores (on a
+    # busy machine torch's spinning threads make a 50 us op on a small spectrogram take 50 ms).
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Run the block with one torch and one OpenCV thread, then restore the caller's settings."""
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    _worker_init()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv_threads)
 
 
 def _process_one(clip: Clip, root: Path, settings: Settings, clips_dir: Path) -> tuple[str, dict | str]:
@@ -519,9 +533,10 @@ def _run_all(todo: list[Clip], root: Path, settings: Settings, clips_dir: Path, 
     bar = tqdm(total=len(todo), desc="preprocessing", unit="clip", disable=not progress or not todo)
     results: list[tuple[str, dict | str] | None] = [None] * len(todo)
     if workers <= 1 or len(todo) <= 1:
-        for i, clip in enumerate(todo):
-            results[i] = _process_one(clip, root, settings, clips_dir)
-            bar.update()
+        with single_threaded():
+            for i, clip in enumerate(todo):
+                results[i] = _process_one(clip, root, settings, clips_dir)
+                bar.update()
     else:
         # spawn, not fork: forking a parent whose torch/OpenMP threads are running can deadlock the children.
         context = multiprocessing.get_context("spawn")

@@ -31,6 +31,7 @@ import cv2
 import numpy as np
 import soundfile as sf
 
+from data.preprocess import Settings, fix_length, log_mel, single_threaded, write_clip, write_manifest
 from data.ravdess import DataError
 
 # Expression per emotion 1-8: brow raise, brow slant (+ inner ends up), mouth curve (+ smile), mouth opening,
@@ -45,16 +46,17 @@ _FACE = {
     7: (-0.4, -0.3, -0.5, 0.1, -0.05, 0.6),
     8: (1.0, 0.0, 0.0, 0.9, -0.3, 0.0),
 }
-# Voice per emotion 1-8: pitch factor, pitch slope (per clip), syllables/s, vibrato depth, brightness, gain in dB.
+# Voice per emotion 1-8: pitch factor, pitch slope (per clip), syllables/s, vibrato depth, brightness, gain in dB,
+# breathiness (noise within the voice, relative to it).
 _VOICE = {
-    1: (1.00, 0.00, 3.0, 0.00, 0.55, 0.0),
-    2: (0.96, -0.04, 2.6, 0.00, 0.50, -2.0),
-    3: (1.22, 0.12, 3.8, 0.02, 0.65, 3.0),
-    4: (0.87, -0.15, 2.2, 0.01, 0.40, -5.0),
-    5: (1.12, -0.06, 4.3, 0.00, 0.80, 6.0),
-    6: (1.30, 0.05, 4.8, 0.05, 0.60, 0.0),
-    7: (0.92, -0.10, 2.5, 0.02, 0.52, -1.0),
-    8: (1.35, 0.30, 3.2, 0.01, 0.65, 2.0),
+    1: (1.00, 0.00, 3.0, 0.00, 0.55, 0.0, 0.05),
+    2: (0.95, -0.08, 2.4, 0.00, 0.45, -3.0, 0.15),
+    3: (1.25, 0.25, 4.0, 0.02, 0.70, 3.0, 0.05),
+    4: (0.85, -0.30, 2.0, 0.015, 0.35, -6.0, 0.25),
+    5: (1.15, -0.10, 4.5, 0.00, 0.85, 7.0, 0.10),
+    6: (1.35, 0.10, 5.0, 0.07, 0.60, 0.0, 0.30),
+    7: (0.90, -0.20, 2.6, 0.03, 0.50, -1.0, 0.20),
+    8: (1.40, 0.50, 3.4, 0.01, 0.65, 3.0, 0.05),
 }
 _SKIN = ((170, 195, 235), (140, 170, 220), (110, 145, 195), (90, 120, 170))  # BGR
 _HAIR = ((30, 30, 40), (40, 60, 90), (20, 20, 20), (70, 100, 140))
@@ -75,12 +77,12 @@ class Take:
 
 
 def takes_for(actors: Iterable[int], emotions: Iterable[int] = range(1, 9), takes: int = 2) -> list[Take]:
-    """The first `takes` valid RAVDESS takes (repetition, statement, then intensity) of each actor and emotion;
-    neutral has no strong intensity, as in RAVDESS."""
+    """The first `takes` valid RAVDESS takes of each actor and emotion, intensity varying fastest (so two takes
+    give a normal and a strong one), then statement, then repetition; neutral has no strong intensity."""
     out = []
     for actor in actors:
         for emotion in emotions:
-            combos = [(i, s, r) for i in (1, 2) for s in (1, 2) for r in (1, 2) if not (emotion == 1 and i == 2)]
+            combos = [(i, s, r) for r in (1, 2) for s in (1, 2) for i in (1, 2) if not (emotion == 1 and i == 2)]
             out += [Take(actor, emotion, *c) for c in combos[:takes]]
     return out
 
@@ -96,7 +98,7 @@ def _actor_style(seed: int, actor: int) -> dict:
             "background": tuple(int(v) for v in r.integers(60, 150, 3)),
             "bias": r.normal(0, 0.15, 6),  # resting face: some actors look a little sad or surprised at rest
             "f0": r.uniform(95, 140) if actor % 2 else r.uniform(170, 240),
-            "rate": r.uniform(0.85, 1.15), "timbre": r.uniform(-0.08, 0.08)}
+            "rate": r.uniform(0.9, 1.1), "timbre": r.uniform(-0.08, 0.08)}
 
 
 def _take_style(seed: int, take: Take) -> dict:
@@ -169,8 +171,8 @@ def render_frames(take: Take, width: int, height: int, n_frames: int, fps: float
 def render_audio(take: Take, seconds: float, sample_rate: int, seed: int = 0) -> np.ndarray:
     """float32 mono voice of one take in [-1, 1]: silence, then 'speech' from ~15% to ~85% of the clip."""
     actor, style = _actor_style(seed, take.actor), _take_style(seed, take)
-    pitch, slope, rate, vibrato, bright, gain_db = (np.array(_VOICE[1]) + style["strength"] *
-                                                    (np.array(_VOICE[take.emotion]) - np.array(_VOICE[1])))
+    pitch, slope, rate, vibrato, bright, gain_db, breath = (np.array(_VOICE[1]) + style["strength"] *
+                                                            (np.array(_VOICE[take.emotion]) - np.array(_VOICE[1])))
     n = int(round(seconds * sample_rate))
     t = np.arange(n) / sample_rate
     rng = style["rng"]
@@ -187,6 +189,7 @@ def render_audio(take: Take, seconds: float, sample_rate: int, seed: int = 0) ->
     # Syllables: the statement fixes the rhythm pattern, the emotion and the actor the rate.
     beats = np.abs(np.sin(np.pi * rate * actor["rate"] * (t - on) + 0.7 * take.statement)) ** 1.5
     envelope = beats * ((t > on) & (t < off))
+    voice = voice / (np.abs(voice).max() + 1e-9) + breath * rng.normal(0, 0.3, n)
     voice = voice * envelope
     voice *= 10 ** (gain_db / 20) * 0.25 / (np.abs(voice).max() + 1e-9)
     rms = np.sqrt(np.mean(voice[envelope > 0] ** 2)) if (envelope > 0).any() else 0.01
@@ -279,28 +282,28 @@ def make_synthetic_cache(cache_dir: str | os.PathLike, actors: Sequence[int] = (
                          seconds: float = 3.6, modalities: Sequence[str] = ("audio", "video"),
                          seed: int = 0) -> Path:
     """Render synthetic clips straight into a cache in the format `prepare_cache` writes (no mp4 involved)."""
-    from data.preprocess import SAMPLE_RATE, Settings, fix_length, log_mel, write_clip, write_manifest
-
     settings = Settings(modalities=tuple(modalities), n_frames=n_frames, size=size, seconds=seconds)
     cache_dir = Path(cache_dir)
     (cache_dir / "clips").mkdir(parents=True, exist_ok=True)
-    entries = []
-    fps = n_frames / seconds
-    for take in takes_for(actors, emotions, takes):
-        arrays = {}
-        if "audio" in modalities:
-            wave = render_audio(take, seconds, SAMPLE_RATE, seed)
-            arrays["logmel"] = log_mel(fix_length(wave, round(seconds * SAMPLE_RATE)), settings)
-        if "video" in modalities:
-            frames = render_frames(take, size, size, n_frames, fps, seed, crop=True)
-            arrays["frames"] = np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in frames])
-        clip_id = take.name(3)[3:]
-        entry = {"clip_id": clip_id, "actor": take.actor, "emotion": take.emotion, "label": take.emotion - 1,
-                 "vocal_channel": 1, "intensity": take.intensity, "statement": take.statement,
-                 "repetition": take.repetition, "audio_source": None, "video_source": None,
-                 "has_audio": "logmel" in arrays, "has_video": "frames" in arrays,
-                 "face_found": True if "frames" in arrays else None, "notes": ["synthetic, rendered directly"]}
-        write_clip(cache_dir / "clips", entry, arrays)
-        entries.append(entry)
+    with single_threaded():
+        entries = [_cache_take(cache_dir / "clips", take, settings, seed) for take in takes_for(actors, emotions, takes)]
     write_manifest(cache_dir, settings, entries, [], complete=True)
     return cache_dir
+
+
+def _cache_take(clips_dir: Path, take: Take, settings: Settings, seed: int) -> dict:
+    arrays = {}
+    if "audio" in settings.modalities:
+        wave = render_audio(take, settings.seconds, settings.sample_rate, seed)
+        arrays["logmel"] = log_mel(fix_length(wave, round(settings.seconds * settings.sample_rate)), settings)
+    if "video" in settings.modalities:
+        frames = render_frames(take, settings.size, settings.size, settings.n_frames,
+                               settings.n_frames / settings.seconds, seed, crop=True)
+        arrays["frames"] = np.stack([cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in frames])
+    entry = {"clip_id": take.name(3)[3:], "actor": take.actor, "emotion": take.emotion, "label": take.emotion - 1,
+             "vocal_channel": 1, "intensity": take.intensity, "statement": take.statement,
+             "repetition": take.repetition, "audio_source": None, "video_source": None,
+             "has_audio": "logmel" in arrays, "has_video": "frames" in arrays,
+             "face_found": True if "frames" in arrays else None, "notes": []}
+    write_clip(clips_dir, entry, arrays)
+    return entry
