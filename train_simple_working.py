@@ -41,6 +41,8 @@ CHANNEL = "speech"  # "speech", "song" or "all"
 MODALITIES = ("audio", "visual")  # any non-empty subset
 VISUAL_INPUT = "frames"  # "frames" (face crops from the video) or "features" (per-clip vectors in FEATURE_FILE)
 FEATURE_FILE = ""  # .npz of per-clip visual features keyed by RAVDESS stem (needs VISUAL_INPUT="features")
+N_FRAMES = 0  # face frames sampled per clip; 0 = 16 for RAVDESS, 8 for the synthetic quick start
+FRAME_SIZE = 0  # face crop side in pixels; 0 = 112 for RAVDESS, 64 for the synthetic quick start
 SPEC_AUGMENT = True  # SpecAugment time/frequency masks on training log-mels
 FRAME_AUGMENT = True  # random crop, flip and colour jitter on training face crops
 
@@ -83,6 +85,7 @@ MODEL_NAME = "simple"
 def data_settings() -> DataSettings:
     return DataSettings(dataset=DATASET, data_root=DATA_ROOT, cache_dir=CACHE_DIR, channel=CHANNEL,
                         modalities=tuple(MODALITIES), visual_input=VISUAL_INPUT, feature_file=FEATURE_FILE,
+                        n_frames=N_FRAMES, frame_size=FRAME_SIZE,
                         spec_augment=SPEC_AUGMENT, frame_augment=FRAME_AUGMENT, batch_size=BATCH_SIZE,
                         num_workers=NUM_WORKERS, seed=SEED, output_dir=OUTPUT_DIR)
 

@@ -1,0 +1,233 @@
+"""Train the full MultimodalFER (~150M parameters) with LFM2 fusion, without NaN.
+
+The stable recipe: depth-scaled residual init, QK-norm, float32 norms/softmax, LR warmup, global-norm clipping,
+AMP (float16 + GradScaler on a T4, bfloat16 on A100+), progressive stages. `LEGACY=True` rebuilds the recipe that
+produced NaN from the first batch (default init, LR 1e-4, no QK-norm, no warmup, no clipping, float16), so that
+`debug_gradients.py` can be shown on it.
+
+Quick start without RAVDESS (synthetic data, a narrow copy of the architecture with the same block layout):
+    python train_full_model.py --preset=cpu
+Your RAVDESS copy on a GPU (T4: float16, batch 8 fits 16 GB with gradient checkpointing), all 6 folds:
+    python train_full_model.py --dataset=ravdess --data_root=/data/RAVDESS --fold=all --gradient_checkpointing=True
+Real audio + facial action units (the benchmark on these machines), 5 folds over actors 1-20, CPU-sized:
+    python train_full_model.py --dataset=ravdess --data_root=../shared/data/ravdess_speech_16k \
+        --visual_input=features --feature_file=../shared/data/ravdess_clip_features/au_mfcc.npz \
+        --actors=1-20 --n_folds=5 --fold=all --preset=cpu --run_name=full_cpu_audio_au
+The original failure, for the debugging tools:
+    python train_full_model.py --legacy=True --run_name=legacy
+Colab:
+    !python train_full_model.py --dataset=ravdess --data_root=/content/drive/MyDrive/RAVDESS --pretrained=True
+"""
+from __future__ import annotations
+
+import sys
+from functools import partial
+
+import torch
+from tqdm import tqdm
+
+from data.setup import DataSettings, build_loaders, prepare_data, make_split
+from data.ravdess import DataError
+from models import ModelConfigError, build_model
+from training.config import ConfigError, config_keys, run_script
+from training.progress import (EpochStats, crash_exit, end_epoch, final_test, fold_list, next_stage, report_folds,
+                               resume)
+from training.runs import RunFolder
+from training.runtime import setup_runtime
+from training.stages import make_optimizer, set_trainable, train_mode
+from training.step import NonFiniteLossError, cosine_lr, cross_entropy, evaluate, move_batch, set_lr, train_step
+
+# ---- data
+DATASET = "synthetic"  # "synthetic" (generated quick-start set) or "ravdess" (a RAVDESS folder at DATA_ROOT)
+DATA_ROOT = "data/RAVDESS"  # any folder holding RAVDESS files (mp4/wav/flac), searched recursively
+CACHE_DIR = ""  # preprocessed clips; "" = cache/<name of DATA_ROOT>
+CHANNEL = "speech"  # "speech", "song" or "all"
+MODALITIES = ("audio", "visual")  # any non-empty subset
+VISUAL_INPUT = "frames"  # "frames" (face crops from the video) or "features" (per-clip vectors in FEATURE_FILE)
+FEATURE_FILE = ""  # .npz of per-clip visual features keyed by RAVDESS stem (needs VISUAL_INPUT="features")
+N_FRAMES = 0  # face frames sampled per clip; 0 = 16 for RAVDESS, 8 for the synthetic quick start
+FRAME_SIZE = 0  # face crop side in pixels; 0 = 112 for RAVDESS, 64 for the synthetic quick start
+SPEC_AUGMENT = True  # SpecAugment time/frequency masks on training log-mels
+FRAME_AUGMENT = True  # random crop, flip and colour jitter on training face crops
+
+# ---- actor-disjoint split
+ACTORS = "auto"  # actors in the experiment, e.g. "1-20"; "auto" = every actor in the data
+N_FOLDS = 6  # folds of consecutive actors (6 folds x 4 actors over RAVDESS's 24 actors)
+FOLD = 0  # 0..N_FOLDS-1, or "all" for the whole cross-validation
+N_VAL_ACTORS = 2  # validation actors, taken from the training actors (never the test fold)
+TEST_ACTORS = ""  # explicit test actors, e.g. "21-24" (overrides FOLD)
+VAL_ACTORS = ""  # explicit validation actors, with TEST_ACTORS
+
+# ---- model
+PRESET = "default"  # "default": the ~150M model (width 768, 16 LFM2 blocks); "cpu": width 256, same block layout
+WIDTH = 768
+MLP_HIDDEN = 2816  # SwiGLU hidden size
+N_HEADS = 12  # query heads of the attention blocks
+N_KV_HEADS = 4  # grouped-query attention: key/value heads
+N_SEGMENTS = 8  # tokens per modality (time segments of the clip)
+FRAME_BACKBONE = "resnet18"  # resnet18 or small
+PRETRAINED = False  # True: torchvision ImageNet weights for resnet18 (downloads on first use; Colab)
+VISUAL_CHECKPOINT = ""  # face-pretrained frame backbone from pretrain_visual.py
+QK_NORM = True  # per-head RMSNorm on queries and keys (off in the legacy recipe)
+DROPOUT = 0.1
+ENCODER_DROPOUT = 0.1
+MODALITY_DROPOUT = 0.2
+GRADIENT_CHECKPOINTING = False  # recompute each fusion block in backward (less memory, ~30% slower)
+INIT = "scaled_residual"  # default | xavier | kaiming | scaled_residual | zero_residual
+INIT_GAIN = 0.5
+LEGACY = False  # True: the original recipe that produced NaN (overrides INIT, QK_NORM, LRs, warmup, clipping, AMP)
+
+# ---- optimisation
+# Stage 1 freezes the encoders named in STAGE1_FROZEN ("pretrained": those loaded from pretrained weights; () none)
+# and trains the rest; stage 2 trains everything at a lower LR. Set STAGE1_EPOCHS=0 to skip stage 1.
+STAGE1_EPOCHS = 20
+STAGE1_LR = 3e-4
+STAGE1_FROZEN = "pretrained"  # "pretrained", or a tuple such as ("visual_encoder",)
+STAGE2_EPOCHS = 15
+STAGE2_LR = 1e-4
+BATCH_SIZE = 32
+WEIGHT_DECAY = 0.05
+WARMUP_EPOCHS = 1  # linear LR warmup, then cosine decay within each stage
+CLIP_NORM = 1.0  # global gradient-norm clipping (the norm is logged either way)
+LABEL_SMOOTHING = 0.05
+PATIENCE = 10  # early stopping: epochs without validation improvement
+SELECT_METRIC = "accuracy"  # validation metric that picks the best checkpoint: accuracy | uar | macro_f1
+
+# ---- runtime and precision
+DEVICE = "auto"  # "auto", "cuda", "cuda:1", "cpu"
+AMP_DTYPE = "auto"  # auto: float16 + GradScaler on T4/V100, bfloat16 on A100+, float32 on CPU
+SEED = 0
+NUM_WORKERS = 2  # DataLoader worker processes
+
+# ---- output
+OUTPUT_DIR = "checkpoints"  # run folders go to OUTPUT_DIR/train_full_model/RUN_NAME
+RUN_NAME = "full"  # the same RUN_NAME resumes an interrupted run
+MODEL_NAME = "full"
+# The recipe of the original run that diverged (LEGACY=True).
+LEGACY_RECIPE = {"init": "default", "qk_norm": False, "lr": 1e-4, "warmup_epochs": 0, "clip_norm": None,
+                 "amp_dtype": "float16"}
+CPU_PRESET = {"width": 256, "mlp_hidden": 768, "n_heads": 4, "n_kv_heads": 2, "audio_channels": [16, 32, 64, 128],
+              "frame_backbone": "small"}
+
+
+def data_settings() -> DataSettings:
+    return DataSettings(dataset=DATASET, data_root=DATA_ROOT, cache_dir=CACHE_DIR, channel=CHANNEL,
+                        modalities=tuple(MODALITIES), visual_input=VISUAL_INPUT, feature_file=FEATURE_FILE,
+                        n_frames=N_FRAMES, frame_size=FRAME_SIZE,
+                        spec_augment=SPEC_AUGMENT, frame_augment=FRAME_AUGMENT, batch_size=BATCH_SIZE,
+                        num_workers=NUM_WORKERS, seed=SEED, output_dir=OUTPUT_DIR)
+
+
+def recipe() -> dict:
+    """The optimisation recipe in force: the stable constants, or the legacy recipe when LEGACY is set."""
+    stable = {"init": INIT, "qk_norm": QK_NORM, "lr": None, "warmup_epochs": WARMUP_EPOCHS, "clip_norm": CLIP_NORM,
+              "amp_dtype": AMP_DTYPE}
+    return dict(LEGACY_RECIPE) if LEGACY else stable
+
+
+def model_config(feature_dim: int) -> dict:
+    if PRESET not in ("default", "cpu"):
+        raise ConfigError(f"PRESET must be 'default' or 'cpu', got '{PRESET}'")
+    config = {"modalities": list(MODALITIES), "visual_input": VISUAL_INPUT, "feature_dim": feature_dim,
+              "width": WIDTH, "mlp_hidden": MLP_HIDDEN, "n_heads": N_HEADS, "n_kv_heads": N_KV_HEADS,
+              "n_segments": N_SEGMENTS, "frame_backbone": FRAME_BACKBONE, "pretrained": PRETRAINED,
+              "qk_norm": recipe()["qk_norm"], "dropout": DROPOUT, "encoder_dropout": ENCODER_DROPOUT,
+              "modality_dropout": MODALITY_DROPOUT, "gradient_checkpointing": GRADIENT_CHECKPOINTING}
+    return {**config, **(CPU_PRESET if PRESET == "cpu" else {})}
+
+
+def build(feature_dim: int, runtime) -> tuple[torch.nn.Module, list[str]]:
+    """The model, initialised, with pretrained weights loaded; returns it with the names of pretrained encoders."""
+    model = build_model(MODEL_NAME, model_config(feature_dim))
+    model.init_weights(recipe()["init"], INIT_GAIN)
+    pretrained = ["visual_encoder"] if PRETRAINED and "visual" in MODALITIES and VISUAL_INPUT == "frames" else []
+    if VISUAL_CHECKPOINT:
+        model.visual_encoder.load_face_pretrained(VISUAL_CHECKPOINT)
+        pretrained = ["visual_encoder"]
+    return model.to(runtime.device), pretrained
+
+
+def stage_table(pretrained: list[str]) -> list[dict]:
+    frozen = pretrained if STAGE1_FROZEN == "pretrained" else list(STAGE1_FROZEN)
+    stage1_train = tuple(name for name in ("audio_encoder", "visual_encoder", "fusion", "pool", "classifier")
+                         if name not in frozen and name.split("_")[0] in MODALITIES + ("fusion", "pool", "classifier"))
+    legacy_lr = recipe()["lr"]
+    stages = [{"name": "stage1_frozen_" + ("+".join(frozen) or "none"), "train": stage1_train,
+               "epochs": STAGE1_EPOCHS, "lr": legacy_lr or STAGE1_LR},
+              {"name": "stage2_all", "train": "all", "epochs": STAGE2_EPOCHS, "lr": legacy_lr or STAGE2_LR}]
+    return [s for s in stages if s["epochs"] > 0]
+
+
+def train_fold(run: RunFolder, fold: int, settings: DataSettings, cache, runtime, config: dict) -> dict:
+    split = make_split(cache, ACTORS, N_FOLDS, fold, N_VAL_ACTORS, TEST_ACTORS, VAL_ACTORS)
+    loaders = build_loaders(cache, split, settings)
+    print(f"fold {fold}: {split} | clips train {len(loaders.train.dataset)}, val {len(loaders.val.dataset)}, "
+          f"test {len(loaders.test.dataset)}")
+    model, pretrained = build(loaders.feature_dim, runtime)
+    print("parameters:", ", ".join(f"{k} {v:,}" for k, v in model.parameter_breakdown().items()))
+    stages = stage_table(pretrained)
+    optimizer = make_optimizer(model, stages[0]["lr"], WEIGHT_DECAY)
+    scaler = runtime.make_scaler()
+    progress = resume(run, model, optimizer, scaler, MODEL_NAME)
+    loss_fn = partial(cross_entropy, label_smoothing=LABEL_SMOOTHING)
+    steps_per_epoch = len(loaders.train)
+
+    for stage_index, stage in enumerate(stages):
+        if stage_index < progress.stage:
+            continue
+        frozen = set_trainable(model, stage["train"])
+        total_steps = stage["epochs"] * steps_per_epoch
+        while progress.epoch < stage["epochs"] and progress.epochs_since_best < PATIENCE:
+            train_mode(model, frozen)
+            stats = EpochStats()
+            bar = tqdm(loaders.train, desc=f"fold {fold} {stage['name']} epoch {progress.epoch + 1}/{stage['epochs']}",
+                       leave=False, dynamic_ncols=True)
+            for batch_index, batch in enumerate(bar):
+                batch = move_batch(batch, runtime.device)
+                lr = cosine_lr(progress.epoch * steps_per_epoch + batch_index, total_steps,
+                               recipe()["warmup_epochs"] * steps_per_epoch, stage["lr"])
+                set_lr(optimizer, lr)
+                try:
+                    result = train_step(model, batch, optimizer, scaler, runtime, clip_norm=recipe()["clip_norm"],
+                                        loss_fn=loss_fn)
+                except NonFiniteLossError as err:
+                    crash_exit(run, batch, model, MODEL_NAME, err, f"fold {fold}, epoch {progress.epoch + 1}")
+                progress.step += 1
+                stats.update(result)
+                bar.set_postfix(loss=f"{result.loss:.3f}", gnorm=f"{result.grad_norm:.2f}")
+            val = evaluate(model, loaders.val, runtime)
+            train_stats = stats.summary()
+            improved = end_epoch(run, progress, model, MODEL_NAME, optimizer, scaler, val, train_stats, lr,
+                                 config, SELECT_METRIC)
+            print(f"fold {fold} {stage['name']} epoch {progress.epoch}: train loss {train_stats['train_loss']:.3f} "
+                  f"| val loss {val['loss']:.3f} acc {val['accuracy']:.1%} uar {val['uar']:.1%}"
+                  f"{' *' if improved else ''}")
+        next_stage(progress)
+
+    test = final_test(run, model, MODEL_NAME, loaders.test, runtime, loaders.class_names,
+                      {"fold": fold, "test_actors": list(split.test), "val_actors": list(split.val)})
+    print(f"fold {fold} test (actors {split.test}): accuracy {test['accuracy']:.1%}, UAR {test['uar']:.1%}")
+    return test
+
+
+def main() -> None:
+    config = {k: globals()[k] for k in config_keys(globals())}
+    runtime = setup_runtime(DEVICE, recipe()["amp_dtype"], SEED)
+    print(runtime.describe())
+    settings = data_settings()
+    cache = prepare_data(settings)
+    run = RunFolder("train_full_model", RUN_NAME, OUTPUT_DIR)
+    run.write_config(config, runtime.describe())
+    folds = [0] if TEST_ACTORS else fold_list(FOLD, N_FOLDS)
+    results = []
+    for fold in folds:
+        fold_run = run.sub(f"fold{fold}") if len(folds) > 1 else run
+        results.append(fold_run.read_metrics() or train_fold(fold_run, fold, settings, cache, runtime, config))
+    if len(folds) > 1:
+        report_folds(run, results, f"{len(folds)}-fold actor-disjoint CV over actors {ACTORS}, "
+                                   f"modalities {'+'.join(MODALITIES)} ({VISUAL_INPUT if 'visual' in MODALITIES else 'no visual'}), "
+                                   f"LFM2 fusion, preset {PRESET}{', LEGACY recipe' if LEGACY else ''}")
+
+
+if __name__ == "__main__":
+    run_script(main, globals(), sys.argv[1:], user_errors=(DataError, ModelConfigError))
