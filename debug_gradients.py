@@ -1,0 +1,368 @@
+"""Watch every module of a model for a few training steps, and name the first one that produces NaN/inf.
+
+Runs N training steps (the same `train_step` as the training scripts) with hooks on every module, recording per
+module and step the activation statistics (max |x|, mean, fraction non-finite) and the true-scale gradient norms
+(read after the GradScaler unscaled them, so float16 loss scaling does not hide their size). It stops at the first
+module whose output or gradient is non-finite and names it: module path, type, statistics of its inputs and
+output, the step. Outputs go to checkpoints/debug_gradients/<RUN_NAME>/: module_stats.jsonl (one line per module
+and step), steps.jsonl (loss, global gradient norm, loss scale), figures/grad_norm_heatmap.png (modules x steps,
+log10 gradient norm) and report.txt.
+
+`--replay=path/to/crash.pt` instead replays the batch of a crash dump written by a training script
+(`RunFolder.save_crash_dump`) on the model state saved with it, with hooks on every module, and names the first
+module that produced NaN/inf.
+
+    python debug_gradients.py --model=full --recipe=legacy --steps=30
+    python debug_gradients.py --model=lite --data=cache --cache_dir=cache/ravdess --steps=50
+    python debug_gradients.py --replay=checkpoints/train_full_model/run1/crash/crash.pt
+Colab: `!python debug_gradients.py --model=full --recipe=legacy --model_size=real --device=cuda`
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import sys
+import textwrap
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from torch.utils.hooks import RemovableHandle
+
+import models
+from data.dataset import RavdessDataset
+from data.ravdess import DataError
+from data.synthetic import make_synthetic_cache
+from training.checkpoint import load_checkpoint
+from training.config import ConfigError, config_keys, run_script
+from training.monitor import ModuleMonitor
+from training.runs import RunFolder
+from training.runtime import Runtime, setup_runtime
+from training.stages import make_optimizer
+from training.step import NonFiniteLossError, cross_entropy, move_batch, set_lr, train_step
+
+# --- model ---
+MODEL = "full"  # simple | lite | full
+MODEL_SIZE = "small"  # small: CPU-sized widths with the real block layout | real: the constructors' defaults
+MODEL_CONFIG = {}  # extra constructor arguments over the size's config, e.g. "{'width': 128}"
+# --- recipe ---
+RECIPE = "legacy"  # legacy: the original 149M recipe | stable: this toolkit's recipe (see RECIPES)
+INIT = None  # None: the recipe's; else default | xavier | kaiming | scaled_residual | zero_residual
+LR = None  # None: the recipe's learning rate
+WARMUP_STEPS = None  # None: the recipe's linear warmup length, in steps
+CLIP_NORM = None  # None: the recipe's global gradient-norm clip (0 turns clipping off)
+QK_NORM = None  # None: the recipe's (full model only)
+WEIGHT_DECAY = 0.01
+# --- data ---
+DATA = "synthetic"  # synthetic: a small rendered cache (64 clips) | cache: a cache written by data/prepare_ravdess.py
+CACHE_DIR = "checkpoints/cache/RAVDESS"  # used when DATA == "cache"
+VISUAL_INPUT = "frames"  # frames (face crops from the cache) | features (per-clip vectors from FEATURE_FILE)
+FEATURE_FILE = ""  # .npz of per-clip visual features, e.g. ../shared/data/ravdess_clip_features/au_mfcc.npz
+SYNTHETIC_FRAMES = 8  # frames per synthetic clip
+SYNTHETIC_SIZE = 64  # px, synthetic face crops
+BATCH_SIZE = 8
+# --- run ---
+STEPS = 30  # training steps to watch
+REPLAY = ""  # path to a crash.pt: replay its batch instead of training
+DEVICE = "auto"  # auto | cpu | cuda | cuda:1
+AMP_DTYPE = None  # None: the recipe's | auto | float32 | float16 | bfloat16
+SEED = 0
+# --- output ---
+RUN_NAME = "default"  # checkpoints/debug_gradients/<RUN_NAME>/
+OUTPUT_DIR = "checkpoints"
+HEATMAP_MAX_MODULES = 120  # rows of the heatmap: the modules with the largest gradient norms when there are more
+
+# The two recipes compared. "legacy" is how the original 149M model was trained (it produced NaN from the first
+# batch on a T4); "stable" is this toolkit's (QK-norm, depth-scaled init, warmup, clipping at 1.0). Both use the
+# same LR and precision, so a difference between them comes from the other four settings.
+RECIPES = {
+    "legacy": {"init": "default", "lr": 1e-4, "warmup_steps": 0, "clip_norm": 0.0, "qk_norm": False,
+               "amp_dtype": "float16"},
+    "stable": {"init": "scaled_residual", "lr": 1e-4, "warmup_steps": 10, "clip_norm": 1.0, "qk_norm": True,
+               "amp_dtype": "float16"},
+}
+# Small widths for a CPU. The full model keeps LFM2's 16-block layout (6 attention blocks) and the 3:1 ratio of
+# query to key/value heads; only widths shrink.
+SMALL_CONFIGS = {
+    "simple": {"channels": [8, 16, 16]},
+    "lite": {"width": 64, "audio_channels": [8, 16, 32, 64], "frame_backbone": "tiny"},
+    "full": {"width": 96, "n_heads": 6, "n_kv_heads": 2, "mlp_hidden": 352, "audio_channels": [8, 16, 32, 64],
+             "frame_backbone": "tiny", "frame_input_size": 48},
+}
+
+
+def recipe_value(name: str, override: object) -> object:
+    return RECIPES[RECIPE][name] if override is None else override
+
+
+def model_config(dataset: RavdessDataset) -> dict:
+    if MODEL_SIZE not in ("small", "real"):
+        raise ConfigError(f"MODEL_SIZE='{MODEL_SIZE}': choose small or real")
+    config = dict(SMALL_CONFIGS.get(MODEL, {})) if MODEL_SIZE == "small" else {}
+    config.update(visual_input=VISUAL_INPUT, feature_dim=dataset.feature_dim or 35)
+    if MODEL == "full":
+        config["qk_norm"] = recipe_value("qk_norm", QK_NORM)
+    return {**config, **MODEL_CONFIG}
+
+
+def make_dataset() -> RavdessDataset:
+    """The clips to train on: a small synthetic cache (rendered on first use, then reused) or CACHE_DIR."""
+    if DATA == "synthetic":
+        if VISUAL_INPUT != "frames":
+            raise ConfigError("DATA='synthetic' has face frames only; use --visual_input=frames")
+        cache = Path(OUTPUT_DIR) / "debug_gradients" / f"synthetic_cache_{SYNTHETIC_FRAMES}x{SYNTHETIC_SIZE}"
+        if not (cache / "manifest.json").exists():
+            make_synthetic_cache(cache, n_frames=SYNTHETIC_FRAMES, size=SYNTHETIC_SIZE)
+    elif DATA == "cache":
+        cache = Path(CACHE_DIR)
+    else:
+        raise ConfigError(f"DATA='{DATA}': choose synthetic or cache")
+    return RavdessDataset(cache, visual=VISUAL_INPUT, features_file=FEATURE_FILE or None)
+
+
+def make_batches(dataset: RavdessDataset, n_batches: int) -> Iterator[dict]:
+    """`n_batches` shuffled training batches, loaded one at a time, cycling over the clips as often as needed."""
+    if len(dataset) < BATCH_SIZE:
+        raise ConfigError(f"{len(dataset)} clips are fewer than BATCH_SIZE={BATCH_SIZE}")
+    loader = DataLoader(dataset, BATCH_SIZE, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(SEED))
+    return itertools.islice((batch for _ in itertools.count() for batch in loader), n_batches)
+
+
+# ------------------------------------------------------------------------------------------------- outputs
+def plot_heatmap(monitor: ModuleMonitor, path: Path, title: str, max_modules: int) -> Path | None:
+    """Modules x steps, log10 of each module's own parameter-gradient norm; non-finite cells in red, zero or
+    absent gradients blank."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names, steps, values = monitor.grad_norm_matrix("grad_norm")
+    if not names:
+        return None
+    # None: the module had no gradient that step (not run, frozen); NaN/inf: a non-finite gradient.
+    missing = np.array([[v is None for v in row] for row in values])
+    matrix = np.array([[math.nan if v is None else v for v in row] for row in values], dtype=np.float64)
+    if len(names) > max_modules:
+        peaks = np.where(np.isfinite(matrix), matrix, np.where(missing, 0.0, np.inf)).max(axis=1)
+        keep = np.sort(np.argsort(-peaks)[:max_modules])
+        names, matrix, missing = [names[i] for i in keep], matrix[keep], missing[keep]
+    bad = ~np.isfinite(matrix) & ~missing
+    with np.errstate(divide="ignore", invalid="ignore"):
+        logs = np.log10(np.where(np.isfinite(matrix) & (matrix > 0), matrix, np.nan))
+    fig, ax = plt.subplots(figsize=(min(4 + 0.25 * len(steps), 18), min(2 + 0.16 * len(names), 40)))
+    image = ax.imshow(logs, aspect="auto", cmap="viridis", interpolation="nearest")
+    rows, cols = np.nonzero(bad)
+    if len(rows):
+        ax.scatter(cols, rows, marker="s", color="red", s=12, label="non-finite")
+        ax.legend(loc="upper right", fontsize=7)
+    ax.set_yticks(range(len(names)), names, fontsize=6)
+    ax.set_xticks(range(len(steps)), steps, fontsize=7)
+    ax.set_xlabel("step")
+    ax.set_title(textwrap.fill(title, 90), fontsize=8)
+    fig.colorbar(image, ax=ax, label="log10 gradient norm (true scale)", fraction=0.04)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def growth_lines(monitor: ModuleMonitor, key: str, label: str, top: int = 5) -> list[str]:
+    """The modules whose `key` grew most between the first and the last step where it was finite."""
+    names, _, values = monitor.grad_norm_matrix(key)
+    ratios = []
+    for name, row in zip(names, values):
+        finite = [v for v in row if v is not None and math.isfinite(v)]
+        if len(finite) >= 2 and finite[0] > 0:
+            ratios.append((finite[-1] / finite[0], name, finite[0], finite[-1], max(finite)))
+    ratios.sort(reverse=True)
+    return [f"largest growth of {label} (first -> last step):"] + [
+        f"  {name}: {first:.3g} -> {last:.3g} (x{ratio:.3g}, max {peak:.3g})"
+        for ratio, name, first, last, peak in ratios[:top]]
+
+
+def largest_lines(monitor: ModuleMonitor, key: str, label: str, top: int = 5) -> list[str]:
+    """The modules with the largest `key` at the last recorded step."""
+    last = max(monitor.records) if monitor.records else None
+    if last is None:
+        return []
+    ranked = sorted(((r[key], name) for name, r in monitor.records[last].items() if key in r), reverse=True)
+    return [f"largest {label} at step {last}:"] + [f"  {name}: {value:.4g}" for value, name in ranked[:top]]
+
+
+def fusion_lines(steps: list[dict]) -> list[str]:
+    """First, largest and last value of the fusion's attention logits and residual stream (full model only)."""
+    lines = []
+    for suffix, label in (("attn_logit_max", "largest attention logit"), ("act_max", "largest residual value")):
+        per_step = [max((v for k, v in s.items() if k.endswith(suffix)), default=None) for s in steps]
+        per_step = [v for v in per_step if v is not None]
+        if per_step:
+            lines.append(f"fusion {label} (over blocks): first {per_step[0]:.4g}, max {max(per_step):.4g}, "
+                         f"last {per_step[-1]:.4g}")
+    return lines
+
+
+def write_outputs(run: RunFolder, monitor: ModuleMonitor, steps: list[dict], header: list[str]) -> str:
+    """module_stats.jsonl, steps.jsonl, the heatmap and report.txt; returns the report's text."""
+    with open(run.dir / "module_stats.jsonl", "w") as f:
+        for row in monitor.rows():
+            f.write(json.dumps(row) + "\n")
+    with open(run.dir / "steps.jsonl", "w") as f:
+        for row in steps:
+            f.write(json.dumps(row) + "\n")
+    event = monitor.first_non_finite()
+    lines = list(header)
+    if steps:
+        finite = [s["grad_norm"] for s in steps if math.isfinite(s["grad_norm"])]
+        lines.append(f"loss: step {steps[0]['step']} {steps[0]['loss']:.4g} -> step {steps[-1]['step']} "
+                     f"{steps[-1]['loss']:.4g}")
+        if finite:
+            lines.append(f"global gradient norm (true scale, before clipping): first {finite[0]:.4g}, "
+                         f"max {max(finite):.4g}, last {finite[-1]:.4g}")
+        lines += fusion_lines(steps)
+        skipped = [s["step"] for s in steps if s.get("skipped")]
+        if skipped:
+            lines.append(f"GradScaler skipped {len(skipped)} step(s) for float16 overflow: {skipped}")
+    for step, module in sorted(monitor.overflows.items()):
+        lines.append(f"step {step}: the loss-scaled float16 gradients overflowed (first seen at {module}); with a "
+                     "loss scale above 1 the scaler skips the step and halves the scale: not an error")
+    lines.append(event.describe() if event is not None else
+                 f"no non-finite activation or gradient in {len(monitor.records)} step(s)")
+    lines += growth_lines(monitor, "grad_norm", "parameter-gradient norm")
+    lines += largest_lines(monitor, "act_max_abs", "max |activation|")
+    title = f"{header[0]}" + (f" - first non-finite: {event.module} at step {event.step}" if event else "")
+    plot_heatmap(monitor, run.dir / "figures" / "grad_norm_heatmap.png", title, HEATMAP_MAX_MODULES)
+    report = "\n".join(lines) + "\n"
+    (run.dir / "report.txt").write_text(report)
+    return report
+
+
+# -------------------------------------------------------------------------------------------------- modes
+def watch_fusion(model: torch.nn.Module) -> tuple[list[dict], RemovableHandle | None]:
+    """For a fusion stack with `activation_stats` (the full model's LFM2 stack): a hook that records, at each
+    forward, the largest attention logit of each attention block and the largest residual-stream value after each
+    block, the quantities whose growth precedes a float16 overflow. Other models: nothing is registered."""
+    fusion = getattr(model, "fusion", None)
+    if not hasattr(fusion, "activation_stats"):
+        return [], None
+    records: list[dict] = []
+
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        records.append(module.activation_stats(*args))
+    return records, fusion.register_forward_hook(hook)
+
+
+def watch(model: torch.nn.Module, batches: Iterable[dict], runtime: Runtime, lr: float, warmup: int,
+          clip: float | None, weight_decay: float = 0.0) -> tuple[ModuleMonitor, list[dict]]:
+    """Train `model` on `batches` with the shared train step and a monitor on every module; stop after the first
+    step in which something became non-finite. Returns the monitor (hooks already removed) and one record per
+    step (loss, global gradient norm, loss scale, skipped, fusion statistics)."""
+    optimizer = make_optimizer(model, lr, weight_decay)
+    scaler = runtime.make_scaler()
+    steps: list[dict] = []
+    fusion_stats, fusion_hook = watch_fusion(model)
+    with ModuleMonitor(model) as monitor:
+        for step, batch in enumerate(batches):
+            fusion_stats.clear()
+            set_lr(optimizer, lr * min(1.0, (step + 1) / warmup) if warmup else lr)
+            monitor.begin_step(step, scaler.get_scale() if scaler.is_enabled() else 1.0)
+            batch = move_batch(batch, runtime.device)
+            try:
+                result = train_step(model, batch, optimizer, scaler, runtime, clip_norm=clip or None,
+                                    after_unscale=monitor.read_gradients)
+                steps.append({"step": step, "loss": result.loss, "grad_norm": result.grad_norm,
+                              "scale": result.scale, "skipped": result.skipped})
+            except NonFiniteLossError as err:
+                steps.append({"step": step, "loss": err.loss, "grad_norm": math.nan, "scale": monitor.loss_scale,
+                              "skipped": True})
+            steps[-1].update(fusion_stats[0] if fusion_stats else {})
+            if monitor.first_non_finite() is not None or not math.isfinite(steps[-1]["loss"]):
+                break
+    if fusion_hook is not None:
+        fusion_hook.remove()
+    return monitor, steps
+
+
+def watch_training(run: RunFolder, runtime: Runtime) -> str:
+    """Train the configured model for STEPS steps with a monitor on every module; write the outputs."""
+    if RECIPE not in RECIPES:
+        raise ConfigError(f"RECIPE='{RECIPE}': choose {' or '.join(RECIPES)}")
+    dataset = make_dataset()
+    config = model_config(dataset)
+    model = models.build_model(MODEL, config)
+    model.init_weights(recipe_value("init", INIT))
+    model.to(runtime.device).train()
+    lr, warmup = recipe_value("lr", LR), recipe_value("warmup_steps", WARMUP_STEPS)
+    clip = recipe_value("clip_norm", CLIP_NORM)
+    monitor, steps = watch(model, make_batches(dataset, STEPS), runtime, lr, warmup, clip, WEIGHT_DECAY)
+    params = sum(p.numel() for p in model.parameters())
+    header = [f"{MODEL} model ({MODEL_SIZE}, {params / 1e6:.2f}M parameters), {RECIPE} recipe: init "
+              f"{recipe_value('init', INIT)}, LR {lr:g}, warmup {warmup} steps, clip "
+              f"{clip or 'off'}" + (f", QK-norm {config['qk_norm']}" if "qk_norm" in config else ""),
+              f"{runtime.describe()}; data {DATA}, batch {BATCH_SIZE}; {len(steps)} of {STEPS} steps run"]
+    return write_outputs(run, monitor, steps, header)
+
+
+def training_precision(path: Path) -> str:
+    """AMP_DTYPE of the training run that wrote the crash dump (its config.json sits one or two folders above
+    crash/, two for a cross-validation fold); 'auto' when it cannot be found."""
+    for folder in (path.parent.parent, path.parent.parent.parent):
+        config = folder / "config.json"
+        if config.is_file():
+            return json.loads(config.read_text()).get("config", {}).get("AMP_DTYPE", "auto")
+    return "auto"
+
+
+def replay_crash(run: RunFolder, path: Path) -> str:
+    """Re-run a crash dump's batch on its saved model state with hooks on every module."""
+    state = load_checkpoint(path)
+    if "batch" not in state:
+        raise ConfigError(f"{path} is a checkpoint, not a crash dump (no batch); crash dumps are crash/crash.pt")
+    runtime = setup_runtime(DEVICE, AMP_DTYPE or training_precision(path), SEED)
+    model = models.build_model(state["model_name"], state["model_config"])
+    model.load_state_dict(state["model"])
+    # Train mode as in training (batch statistics); dropout draws differ from the failing step's.
+    model.to(runtime.device).train()
+    scale = float(state["scaler"]["scale"]) if runtime.use_scaler and "scaler" in state else 1.0
+    step = int(state.get("progress", {}).get("step", 0))
+    batch = move_batch(state["batch"], runtime.device)
+    with ModuleMonitor(model) as monitor:
+        monitor.begin_step(step, scale)
+        with runtime.autocast():
+            logits = model(batch)
+        loss = cross_entropy(logits, batch)
+        if torch.isfinite(loss):
+            (loss * scale).backward()
+            for param in model.parameters():
+                if param.grad is not None:
+                    param.grad.div_(scale)
+            monitor.read_gradients()
+    steps = [{"step": step, "loss": loss.item(), "grad_norm": math.nan, "scale": scale}]
+    header = [f"replay of {path} ({state['model_name']} model; training stopped with: "
+              f"{state.get('reason', 'unknown')})",
+              f"{runtime.describe()}, loss scale {scale:g}; replayed loss {loss.item():.4g}"]
+    report = write_outputs(run, monitor, steps, header)
+    if monitor.first_non_finite() is None:
+        report += ("the replay stayed finite: the failure depends on something not in the dump (another dropout "
+                   "draw, precision or device); set --amp_dtype/--device as in the training run\n")
+    return report
+
+
+def main() -> None:
+    run = RunFolder("debug_gradients", RUN_NAME, root=OUTPUT_DIR)
+    run.write_config({k: globals()[k] for k in config_keys(globals())})
+    if REPLAY:
+        report = replay_crash(run, Path(REPLAY))
+    else:
+        runtime = setup_runtime(DEVICE, recipe_value("amp_dtype", AMP_DTYPE), SEED)
+        report = watch_training(run, runtime)
+    print(report, end="")
+    print(f"outputs in {run.dir}")
+
+
+if __name__ == "__main__":
+    run_script(main, globals(), sys.argv[1:], user_errors=(DataError, models.ModelConfigError))
