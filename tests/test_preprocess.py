@@ -226,6 +226,14 @@ def test_rerun_skips_finished_clips_and_redoes_missing_ones(synthetic_root, tmp_
     assert (again.n_new, again.n_cached) == (1, 1) and not list((cache / "clips").glob("*.tmp"))
     with pytest.raises(DataError, match="other settings.*size: 112 -> 64"):
         prepare(tmp_path / "root", cache, size=64)
+    with pytest.raises(DataError, match="other settings.*seconds: 3.6 -> 3.0"):
+        prepare(tmp_path / "root", cache, seconds=3.0)
+
+
+def test_frame_settings_do_not_invalidate_a_cache_without_video(synthetic_root, tmp_path):
+    copy_take(synthetic_root, tmp_path / "root", TAKE, "3")
+    prepare(tmp_path / "root", tmp_path / "cache")
+    assert prepare(tmp_path / "root", tmp_path / "cache", size=64, n_frames=8).n_cached == 1
 
 
 def test_interrupted_run_leaves_no_partial_file_and_resumes(synthetic_root, tmp_path, monkeypatch):
@@ -267,5 +275,3 @@ def test_script_with_worker_processes_matches_in_process_result(synthetic_root, 
             assert np.array_equal(a["frames"], b["frames"]) and np.allclose(a["logmel"], b["logmel"], atol=1e-4)
     bad = subprocess.run(cmd[:2] + [f"--root={tmp_path / 'nope'}"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: data root")
-    typo = subprocess.run(cmd[:2] + ["--sise=3"], capture_output=True, text=True)
-    assert typo.returncode == 2 and "did you mean --size" in typo.stderr
