@@ -108,7 +108,8 @@ class Summary:
         lines = [f"cache {self.cache_dir}: {ok} clips ready ({self.n_new} new, {self.n_cached} already cached), "
                  f"{len(self.failures)} failures",
                  f"  audio present {self.n_audio}/{ok}, video present {self.n_video}/{ok}",
-                 f"  {self.n_new} clips in {self.seconds:.1f} s: {self.clips_per_s:.1f} clips/s"]
+                 f"  {self.n_new} clips in {self.seconds:.1f} s: {self.clips_per_s:.1f} clips/s" if self.n_new else
+                 f"  nothing new to preprocess ({self.seconds:.1f} s)"]
         for title, rows in (("failures", self.failures), ("notes", self.notes), ("skipped files", self.skipped_files)):
             if rows:
                 lines.append(f"{title} ({len(rows)}):")
