@@ -97,22 +97,26 @@ def frame_windows(path: Path, settings: Settings, hop: float, max_windows: int
 
 def read_windows(path: Path, settings: Settings, *, audio: bool, frames: bool, hop: float,
                  max_windows: int = 16) -> Windows:
-    """The windows of one file with the modalities asked for that it has. Raises ClipError when the file cannot
-    be read or holds none of them."""
+    """The windows of one file with the modalities asked for that it has. A modality that is absent or cannot be
+    read is noted and left out (an audio-only mp4, a damaged sound track); ClipError when nothing is left."""
     path = Path(path)
     if path.suffix.lower() not in MEDIA_EXTENSIONS:
         raise ClipError(f"{path.name}: not a supported file type ({', '.join(MEDIA_EXTENSIONS)})")
     notes: list[str] = []
     crops, starts, duration, faces = None, None, 0.0, 0
     if frames and is_video(path):
-        crops, starts, duration, faces = frame_windows(path, settings, hop, max_windows)
-        if faces < len(crops):
-            notes.append(f"no face found in {len(crops) - faces} of {len(crops)} windows: centre crop")
+        try:
+            crops, starts, duration, faces = frame_windows(path, settings, hop, max_windows)
+        except ClipError as err:
+            notes.append(f"no video frames: {err}")
+        else:
+            if faces < len(crops):
+                notes.append(f"no face found in {len(crops) - faces} of {len(crops)} windows: centre crop")
     mels = None
     if audio:
         try:
             wave = read_sound(path, settings)
-        except NoSound as err:
+        except ClipError as err:  # NoSound included: a silent recording is an absent modality
             notes.append(f"no sound: {err}")
         else:
             if starts is None:

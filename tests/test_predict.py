@@ -37,8 +37,8 @@ SMALL_CONFIGS = {
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Short RAVDESS-format clips renamed to arbitrary names, a silent-track video, a 10 s wav, an 8 s video, and
-    two unreadable files."""
+    """Short RAVDESS-format clips renamed to arbitrary names, a video without sound, a sound-only mp4, a 10 s wav,
+    an 8 s video, and two unreadable files."""
     root = tmp_path_factory.mktemp("predict_media")
     ravdess = root / "ravdess"
     files = make_synthetic_ravdess(ravdess, actors=(1,), takes=1, emotions=(3, 5), files=("av", "video", "audio"))
@@ -48,6 +48,9 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
            "angry_mp4": shutil.copy(by_name["01-01-05-01-01-01-01.mp4"], root / "angry.MP4"),
            "mute_mp4": shutil.copy(by_name["02-01-05-01-01-01-01.mp4"], root / "no sound.mp4"),
            "wav": shutil.copy(by_name["03-01-03-01-01-01-01.wav"], root / "speech.wav")}
+    out["audio_mp4"] = root / "voice memo.mp4"  # an mp4 with a sound track and no video stream
+    subprocess.run(["ffmpeg", "-v", "error", "-nostdin", "-i", str(out["wav"]), "-c:a", "aac", str(out["audio_mp4"])],
+                   check=True)
     long_video = make_synthetic_ravdess(root / "long", actors=(2,), takes=1, emotions=(5,), seconds=8.0,
                                         files=("av",))[0]
     out["long_mp4"] = long_video
@@ -161,11 +164,11 @@ def test_short_file_gets_exactly_the_training_preprocessing(tmp_path):
 # ---------------------------------------------------------------------------------------------- prediction
 
 def test_mp4_and_wav_with_any_name_and_missing_modalities(media, trained_simple, tmp_path, monkeypatch):
-    paths = [media["happy_mp4"], media["angry_mp4"], media["mute_mp4"], media["wav"]]
+    paths = [media["happy_mp4"], media["angry_mp4"], media["mute_mp4"], media["wav"], media["audio_mp4"]]
     status, records = run_main(monkeypatch, paths, checkpoint=str(trained_simple), output=tmp_path / "p.json")
     assert status == 0
     rows = {Path(r["file"]).name: r for r in records}
-    assert [rows[p.name]["inputs"] for p in paths] == ["audio+video", "audio+video", "video", "audio"]
+    assert [rows[p.name]["inputs"] for p in paths] == ["audio+video", "audio+video", "video", "audio", "audio"]
     assert all(r["error"] is None and r["windows"] == 1 for r in records)
     for r in records:
         probabilities = [r["probabilities"][e] for e in EMOTIONS]
@@ -173,6 +176,8 @@ def test_mp4_and_wav_with_any_name_and_missing_modalities(media, trained_simple,
         assert r["emotion"] == r["top"][0]["emotion"] and r["probability"] == max(probabilities)
         assert len(r["top"]) == 3 and r["top"][0]["probability"] >= r["top"][1]["probability"]
     assert "no sound" in " ".join(rows["no sound.mp4"]["notes"])
+    assert "no video frames" in " ".join(rows["voice memo.mp4"]["notes"])
+    assert rows["voice memo.mp4"]["probabilities"] == pytest.approx(rows["speech.wav"]["probabilities"], abs=0.05)
     # The model was trained on these two clips: it tells them apart.
     assert rows["my happy clip.mp4"]["emotion"] == "happy" and rows["angry.MP4"]["emotion"] == "angry"
 
@@ -279,7 +284,7 @@ def test_command_line(media, trained_simple, tmp_path):
                            f"--checkpoint={trained_simple}", f"--output={out}", "--top-k=2"],
                           cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert "speech.wav" in done.stdout and "error: cannot open video broken.mp4" in done.stdout
+    assert "speech.wav" in done.stdout and "cannot open video broken.mp4" in done.stdout
     assert "1 of 2 predicted" in done.stdout and out.exists()
     wrong = subprocess.run([sys.executable, "predict.py", str(media["wav"]), "--checkpoint=x.pt", "--windw_hop=2"],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
