@@ -158,6 +158,7 @@ def train_fold(run: RunFolder, fold: int, settings: DataSettings, cache, runtime
         total_steps = stage["epochs"] * steps_per_epoch
         while progress.epoch < stage["epochs"] and progress.epochs_since_best < PATIENCE:
             train_mode(model, frozen)
+            loaders.set_epoch(len(progress.history))
             stats = EpochStats()
             bar = tqdm(loaders.train, desc=f"fold {fold} {stage['name']} epoch {progress.epoch + 1}/{stage['epochs']}",
                        leave=False, dynamic_ncols=True)
@@ -192,11 +193,11 @@ def main() -> None:
     config = {k: globals()[k] for k in config_keys(globals())}
     runtime = setup_runtime(DEVICE, AMP_DTYPE, SEED)
     print(runtime.describe())
+    folds = [0] if TEST_ACTORS else fold_list(FOLD, N_FOLDS)  # checked before any slow data work
     settings = data_settings()
     cache = prepare_data(settings)
     run = RunFolder("train_lite_model", RUN_NAME, OUTPUT_DIR)
     run.write_config(config, runtime.describe())
-    folds = [0] if TEST_ACTORS else fold_list(FOLD, N_FOLDS)
     results = []
     for fold in folds:
         fold_run = run.sub(f"fold{fold}") if len(folds) > 1 else run

@@ -51,6 +51,11 @@ class Loaders:
     test: DataLoader
     feature_dim: int  # width of the per-clip visual features (0 without a feature file)
     class_names: list[str]
+    seed: int = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Seed the training order from (seed, epoch), so a resumed run visits batches as an uninterrupted one."""
+        self.train.generator.manual_seed(self.seed * 100_003 + epoch)
 
 
 def _check(settings: DataSettings) -> None:
@@ -109,4 +114,4 @@ def build_loaders(cache: Path, split: Split, settings: DataSettings) -> Loaders:
                                       spec_augment=settings.spec_augment, frame_augment=settings.frame_augment)
     train_loader, val_loader, test_loader = make_loaders(train, val, test, settings.batch_size,
                                                          settings.num_workers, settings.seed)
-    return Loaders(train_loader, val_loader, test_loader, train.feature_dim, list(EMOTIONS))
+    return Loaders(train_loader, val_loader, test_loader, train.feature_dim, list(EMOTIONS), settings.seed)

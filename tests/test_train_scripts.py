@@ -1,0 +1,150 @@
+"""The training scripts end to end on the synthetic RAVDESS fixture: runs, resume after kill -9, user errors."""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_overrides(root: Path, cache: Path, out: Path) -> dict:
+    """4 actors: test actor 1, validation actor 2, training actors 3-4 (32 clips), two epochs."""
+    return {"DATASET": "ravdess", "DATA_ROOT": str(root), "CACHE_DIR": str(cache), "OUTPUT_DIR": str(out),
+            "N_FOLDS": 4, "FOLD": 0, "N_VAL_ACTORS": 1, "BATCH_SIZE": 16, "NUM_WORKERS": 0, "DEVICE": "cpu"}
+
+
+@pytest.fixture
+def script(request):
+    """Import a training script as a module; its constants are restored afterwards."""
+    module = importlib.import_module(request.param)
+    saved = {k: v for k, v in vars(module).items() if k.isupper()}
+    yield module
+    vars(module).update(saved)
+
+
+def run_main(module, overrides: dict) -> None:
+    vars(module).update(overrides)
+    torch.manual_seed(0)
+    module.main()
+
+
+def final_weights(out: Path, script: str, run_name: str) -> dict:
+    return torch.load(out / script / run_name / "ckpt_last.pt", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("script", ["train_simple_working"], indirect=True)
+def test_resumed_run_matches_uninterrupted_run(script, synthetic_root, synthetic_cache, tmp_path, monkeypatch):
+    base = {**tiny_overrides(synthetic_root, synthetic_cache, tmp_path), "EPOCHS": 3, "PATIENCE": 99,
+            "MODALITIES": ("audio",)}
+    run_main(script, {**base, "RUN_NAME": "straight"})
+
+    original_end_epoch = script.end_epoch
+    calls = {"n": 0}
+
+    def end_epoch_then_die(*args, **kwargs):
+        improved = original_end_epoch(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:  # the checkpoint of epoch 1 is written, then the process "dies"
+            raise KeyboardInterrupt
+        return improved
+
+    monkeypatch.setattr(script, "end_epoch", end_epoch_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(script, {**base, "RUN_NAME": "interrupted"})
+    state = torch.load(tmp_path / "train_simple_working" / "interrupted" / "ckpt_last.pt", weights_only=True)
+    assert state["progress"]["epoch"] == 1 and state["progress"]["step"] == 2
+    assert {"optimizer", "scaler", "rng", "model_config"} <= set(state)
+    torch.manual_seed(123)  # a different RNG state now: resume must restore the saved one
+    vars(script).update({**base, "RUN_NAME": "interrupted"})
+    script.main()
+
+    straight = final_weights(tmp_path, "train_simple_working", "straight")
+    resumed = final_weights(tmp_path, "train_simple_working", "interrupted")
+    for key in straight:
+        assert torch.allclose(straight[key].float(), resumed[key].float(), atol=1e-6), key
+    log = [json.loads(line) for line in
+           (tmp_path / "train_simple_working" / "interrupted" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    metrics = json.loads((tmp_path / "train_simple_working" / "interrupted" / "metrics.json").read_text())
+    assert metrics["test_actors"] == [1] and metrics["val_actors"] == [2] and metrics["n"] == 16
+    assert (tmp_path / "train_simple_working" / "interrupted" / "figures" / "confusion_matrix.png").stat().st_size > 0
+
+
+def test_kill_9_mid_epoch_then_same_command_resumes(synthetic_root, synthetic_cache, tmp_path):
+    args = [sys.executable, "train_simple_working.py"] + [
+        f"--{k.lower()}={v}" for k, v in tiny_overrides(synthetic_root, synthetic_cache, tmp_path).items()] + [
+        "--epochs=30", "--patience=99", "--run_name=killed", "--modalities=('audio',)"]
+    run_dir = tmp_path / "train_simple_working" / "killed"
+    proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_dir / "ckpt_last.pt").exists():
+        time.sleep(0.2)
+    assert (run_dir / "ckpt_last.pt").exists(), "no checkpoint within 120 s"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "metrics.json").exists()
+    done = subprocess.run(args[:-4] + ["--epochs=3", "--patience=99", "--run_name=killed",
+                                       "--modalities=('audio',)"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resumed" in done.stdout
+    assert (run_dir / "metrics.json").exists()
+    assert not list(run_dir.glob("*.tmp"))
+
+
+def run_cli(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *argv], cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train_simple_working.py", "--batchsize=3"], "error: unknown option --batchsize (did you mean --batch_size?)"),
+    (["train_lite_model.py", "--dataset=ravdess", "--data_root=/no/such/folder"],
+     "error: DATA_ROOT /no/such/folder does not exist"),
+    (["train_full_model.py", "--fold=9"], "error: FOLD must be 'all' or 0..5, got 9"),
+    (["train_simple_working.py", "--epochs=many"], "error: --epochs expects a number, got 'many'"),
+])
+def test_user_mistakes_are_one_line_errors(argv, message, tmp_path):
+    done = run_cli(argv + [f"--output_dir={tmp_path}"])
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]  # one line, no traceback
+    assert done.stderr.startswith(message)
+
+
+@pytest.mark.parametrize("script", ["train_simple_working"], indirect=True)
+def test_checkpoint_of_another_model_is_a_clear_error(script, synthetic_root, synthetic_cache, tmp_path, capsys):
+    from data.ravdess import DataError
+    from models import ModelConfigError, build_model
+    from training.checkpoint import make_state, save_checkpoint
+    from training.config import run_script
+
+    lite = build_model("lite", {"width": 32, "frame_backbone": "small", "fusion": "concat"})
+    save_checkpoint(tmp_path / "train_simple_working" / "mixed" / "ckpt_last.pt", make_state(lite, "lite"))
+    argv = [f"--{k.lower()}={v}" for k, v in tiny_overrides(synthetic_root, synthetic_cache, tmp_path).items()]
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(script.main, vars(script), argv + ["--run_name=mixed"], user_errors=(DataError, ModelConfigError))
+    assert exit_info.value.code == 2
+    assert "holds a 'lite' model, this script trains 'simple'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("train_lite_model", {"WIDTH": 32, "FRAME_BACKBONE": "small", "FUSION_LAYERS": 1, "FUSION": "gated",
+                          "STAGE1_EPOCHS": 1, "STAGE2_EPOCHS": 1, "STAGE1_FROZEN": ("visual_encoder",)}),
+    ("train_full_model", {"FRAME_BACKBONE": "small", "WIDTH": 32, "MLP_HIDDEN": 64, "N_HEADS": 2, "N_KV_HEADS": 1,
+                          "STAGE1_EPOCHS": 1, "STAGE2_EPOCHS": 1, "STAGE1_FROZEN": ("visual_encoder",)}),
+], indirect=["script"])
+def test_progressive_scripts_run_both_stages(script, extra, synthetic_root, synthetic_cache, tmp_path):
+    run_main(script, {**tiny_overrides(synthetic_root, synthetic_cache, tmp_path), **extra, "RUN_NAME": "tiny"})
+    run_dir = tmp_path / script.__name__ / "tiny"
+    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in log] == [0, 1]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0 and metrics["skipped_steps"] == 0
