@@ -83,17 +83,19 @@ RECIPES = {
     "stable": {"init": "scaled_residual", "lr": 1e-4, "warmup_steps": 10, "clip_norm": 1.0, "qk_norm": True,
                "amp_dtype": "float16"},
 }
-# Small widths for a CPU. The full model keeps LFM2's 16-block layout (6 attention blocks) and the 3:1 ratio of
-# query to key/value heads; only widths shrink.
+# Small widths for a CPU. The full model keeps LFM2's 16-block layout (6 attention blocks), its head size (64: the
+# attention logits' scale depends on it), the 3:1 ratio of query to key/value heads and the MLP ratio.
 SMALL_CONFIGS = {
     "simple": {"channels": [8, 16, 16]},
     "lite": {"width": 64, "audio_channels": [8, 16, 32, 64], "frame_backbone": "tiny"},
-    "full": {"width": 96, "n_heads": 6, "n_kv_heads": 2, "mlp_hidden": 352, "audio_channels": [8, 16, 32, 64],
+    "full": {"width": 192, "n_heads": 3, "n_kv_heads": 1, "mlp_hidden": 704, "audio_channels": [8, 16, 32, 64],
              "frame_backbone": "tiny", "frame_input_size": 48},
 }
 
 
 def recipe_value(name: str, override: object) -> object:
+    if RECIPE not in RECIPES:
+        raise ConfigError(f"RECIPE='{RECIPE}': choose {' or '.join(RECIPES)}")
     return RECIPES[RECIPE][name] if override is None else override
 
 
@@ -157,7 +159,8 @@ def plot_heatmap(monitor: ModuleMonitor, path: Path, title: str, max_modules: in
     image = ax.imshow(logs, aspect="auto", cmap="viridis", interpolation="nearest")
     rows, cols = np.nonzero(bad)
     if len(rows):
-        ax.scatter(cols, rows, marker="s", color="red", s=12, label="non-finite")
+        ax.scatter(cols, rows, marker="s", color="red", s=12, label="non-finite (incl. float16 overflows that the "
+                                                                   "GradScaler skipped)")
         ax.legend(loc="upper right", fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=6)
     ax.set_xticks(range(len(steps)), steps, fontsize=7)
@@ -232,6 +235,7 @@ def write_outputs(run: RunFolder, monitor: ModuleMonitor, steps: list[dict], hea
                      "loss scale above 1 the scaler skips the step and halves the scale: not an error")
     lines.append(event.describe() if event is not None else
                  f"no non-finite activation or gradient in {len(monitor.records)} step(s)")
+    lines += largest_lines(monitor, "grad_norm", "parameter-gradient norm")
     lines += growth_lines(monitor, "grad_norm", "parameter-gradient norm")
     lines += largest_lines(monitor, "act_max_abs", "max |activation|")
     title = f"{header[0]}" + (f" - first non-finite: {event.module} at step {event.step}" if event else "")
@@ -289,8 +293,6 @@ def watch(model: torch.nn.Module, batches: Iterable[dict], runtime: Runtime, lr:
 
 def watch_training(run: RunFolder, runtime: Runtime) -> str:
     """Train the configured model for STEPS steps with a monitor on every module; write the outputs."""
-    if RECIPE not in RECIPES:
-        raise ConfigError(f"RECIPE='{RECIPE}': choose {' or '.join(RECIPES)}")
     dataset = make_dataset()
     config = model_config(dataset)
     model = models.build_model(MODEL, config)

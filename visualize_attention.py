@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,11 @@ def load_model(path: str, device: torch.device) -> tuple[torch.nn.Module, str]:
     if config.get("pretrained"):
         config["pretrained"] = False  # the weights come from the checkpoint; no ImageNet download
     model = models.build_model(state["model_name"], config)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ConfigError(f"{path}: the weights do not fit the stored model config "
+                          f"({str(err).splitlines()[0]})") from None
     return model.to(device).eval(), state["model_name"]
 
 
@@ -107,9 +112,7 @@ def clip_from_files(model: torch.nn.Module) -> tuple[dict, str]:
                              max_windows=1) if AUDIO_FILE else None
     except (ClipError, OSError) as err:
         raise DataError(str(err)) from None
-    windows = video or sound
-    if video is not None and sound is not None:
-        windows.logmel = sound.logmel
+    windows = replace(video, logmel=sound.logmel) if video and sound else video or sound
     batch = to_batch(windows, settings, visual_input, model.config.get("feature_dim", 35))
     return batch, " + ".join(Path(f).name for f in (VIDEO_FILE, AUDIO_FILE) if f)
 

@@ -29,7 +29,8 @@ from training.step import train_step
 CPU = torch.device("cpu")
 FP32, FP16 = Runtime(CPU, None), Runtime(CPU, torch.float16)
 TINY_FULL = {"width": 32, "n_segments": 4, "audio_channels": [4, 8, 8, 16], "frame_backbone": "tiny",
-             "layout": ["conv", "attn", "conv", "attn"], "n_heads": 4, "n_kv_heads": 2, "mlp_hidden": 64}
+             "frame_input_size": None, "layout": ["conv", "attn", "conv", "attn"], "n_heads": 4, "n_kv_heads": 2,
+             "mlp_hidden": 64}
 TINY_LITE = {"width": 32, "audio_channels": [4, 8, 8, 16], "audio_tokens": 4, "frame_backbone": "tiny",
              "visual_tokens": 4, "fusion": "cross_attention", "fusion_layers": 1, "n_heads": 4, "mlp_ratio": 2}
 TINY_SIMPLE = {"channels": [4, 8, 8]}
