@@ -8,13 +8,18 @@ format of RAVDESS), then times on the CPU with THREADS threads:
 - model: one forward pass of that batch (one window: 3.5 s is shorter than the 3.6 s training window) for each
   model at its default configuration with random weights (the latency does not depend on their values).
 Each time is the median over REPEATS runs of each clip after one warm-up run, because the machine may be shared.
+On a machine whose cores are busy with other work, OpenMP's default spin-waiting makes the model 5-20x slower with 2
+threads than with 1 (a thread spins for a partner that is not scheduled); OMP_WAIT_POLICY=PASSIVE, which has to be
+set before Python starts, removes that and measures the model rather than the contention.
 
     python benchmarks/bench_predict.py
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/bench_predict.py   # a shared machine
     python benchmarks/bench_predict.py --threads=4 --repeats=10 --models="('simple', 'lite')"
     !python benchmarks/bench_predict.py   # Colab
 """
 from __future__ import annotations
 
+import os
 import statistics
 import sys
 import tempfile
@@ -96,7 +101,8 @@ def main() -> None:
         folder = Path(WORK_DIR) if WORK_DIR else Path(tmp)
         clips = write_clips(folder)
         print(f"{len(clips)} clips {WIDTH}x{HEIGHT}, {FPS:g} fps, {SECONDS:g} s, H.264 + AAC; CPU, {THREADS} threads, "
-              f"median of {REPEATS} runs per clip after a warm-up")
+              f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}; median of {REPEATS} runs per clip "
+              "after a warm-up")
         pre, batches = time_preprocessing(clips, settings)
         rows = [(name, *time_model(name, batches)) for name in MODELS]
     print()
@@ -104,7 +110,7 @@ def main() -> None:
     print("|---|---:|---:|---:|---:|")
     for name, params, model_ms in rows:
         print(f"| {name} | {params / 1e6:.2f}M | {pre['total']:.0f} | {model_ms:.0f} | {pre['total'] + model_ms:.0f} |")
-    print(f"\npreprocessing (the same for all three): sound track + log-mel {pre['sound']:.0f} ms, "
+    print(f"\npreprocessing (the same for every model): sound track + log-mel {pre['sound']:.0f} ms, "
           f"{settings.n_frames} frames decoded + face box + crops {pre['frames']:.0f} ms")
 
 
