@@ -6,7 +6,8 @@
 - `FeatureEncoder`: MLP over a per-clip feature vector `(B, D)` (e.g. 35 OpenFace action units) -> tokens.
 - `AttentionPool`: learned-query attention pooling `(B, L, width) -> (B, width)`, optionally with its weights.
 - `encode_present`: runs an encoder on the samples that have the modality only, so that BatchNorm statistics
-  never see the zero placeholders of missing inputs, and fills in the learned placeholder tokens.
+  never see the zero placeholders of missing inputs, and fills in the learned placeholder tokens;
+  `drop_one_modality` is the modality dropout of training.
 """
 from __future__ import annotations
 
@@ -21,7 +22,9 @@ from models.layers import RMSNorm, attend, substitute_missing
 
 # Channels of the built-in per-frame ResNets. "small" is the CPU-trainable face encoder pretrained on FER2013
 # (pretrain_visual.py); "tiny" only exists so that tests run the same code path in a fraction of a second.
-SMALL_BACKBONES = {"small": (32, 64, 128, 256), "tiny": (8, 16, 16, 32)}
+# No stage narrower than 16 channels: PyTorch 2.9's CPU float32 backward of a channels_last 1x1 stride-2 conv with
+# fewer than 16 input channels corrupts the heap (segfault), and callers may well convert to channels_last.
+SMALL_BACKBONES = {"small": (32, 64, 128, 256), "tiny": (16, 16, 32, 32)}
 FRAME_BACKBONES = ("resnet18", *SMALL_BACKBONES)
 FACE_CHECKPOINT_KIND = "face_encoder"  # the `model_name` of checkpoints written by pretrain_visual.py
 FACE_BACKBONE_PREFIX = "encoder.backbone."  # where the backbone sits in that script's classifier state dict
@@ -196,7 +199,7 @@ class FrameEncoder(nn.Module):
         if self.input_size is not None and x.shape[-1] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", antialias=True,
                               align_corners=False)
-        tokens = self.proj(self.backbone(x.contiguous(memory_format=torch.channels_last))).view(b, n, -1)
+        tokens = self.proj(self.backbone(x)).view(b, n, -1)
         if self.n_tokens is not None and self.n_tokens != n:
             tokens = F.adaptive_avg_pool1d(tokens.transpose(1, 2), self.n_tokens).transpose(1, 2)
         return tokens
@@ -296,3 +299,11 @@ def encode_present(encoder: nn.Module, inputs: torch.Tensor, present: torch.Tens
     scattered = tokens.new_zeros((inputs.shape[0],) + tokens.shape[1:])
     scattered[present] = tokens
     return substitute_missing(scattered, present, placeholder)
+
+
+def drop_one_modality(audio: torch.Tensor, visual: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Modality dropout: with probability `p`, hide the audio or the visual input (one of the two, at random)
+    of a sample. Only samples that have both are eligible, so no sample ever loses its last modality."""
+    drop = (torch.rand(audio.shape, device=audio.device) < p) & audio & visual
+    drop_audio = drop & (torch.rand(audio.shape, device=audio.device) < 0.5)
+    return audio & ~drop_audio, visual & ~(drop & ~drop_audio)
