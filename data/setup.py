@@ -67,24 +67,32 @@ def _check(settings: DataSettings) -> None:
         raise DataError("VISUAL_INPUT='features' needs FEATURE_FILE (an .npz of per-clip features)")
 
 
-def prepare_data(settings: DataSettings) -> Path:
-    """The cache folder for `settings`, preprocessing (or, for 'synthetic', generating) the data on first use."""
-    _check(settings)
+def cache_plan(settings: DataSettings) -> tuple[Path, Path, int, int]:
+    """Data root, cache folder, frames per clip and crop size for `settings`, without touching any file (predict.py
+    uses it to find the preprocessing a checkpoint's run used)."""
     if settings.dataset == "synthetic":
         root = Path(settings.output_dir) / "synthetic_ravdess"
-        if not (root / "done").exists():
-            print(f"generating the synthetic RAVDESS-format quick-start set in {root} ...")
-            make_synthetic_ravdess(root, actors=SYNTHETIC_ACTORS, seconds=3.6)
-            (root / "done").touch()
     else:
         root = Path(settings.data_root).expanduser()
-        if not root.is_dir():
-            raise DataError(f"DATA_ROOT {root} does not exist (see README: Getting RAVDESS)")
     cache = Path(settings.cache_dir) if settings.cache_dir else Path(settings.output_dir) / "cache" / root.name
     n_frames, size = DEFAULT_FRAMES[settings.dataset]
     n_frames, size = settings.n_frames or n_frames, settings.frame_size or size
     if not settings.cache_dir:
         cache = cache.with_name(f"{cache.name}_{n_frames}x{size}")
+    return root, cache, n_frames, size
+
+
+def prepare_data(settings: DataSettings) -> Path:
+    """The cache folder for `settings`, preprocessing (or, for 'synthetic', generating) the data on first use."""
+    _check(settings)
+    root, cache, n_frames, size = cache_plan(settings)
+    if settings.dataset == "synthetic":
+        if not (root / "done").exists():
+            print(f"generating the synthetic RAVDESS-format quick-start set in {root} ...")
+            make_synthetic_ravdess(root, actors=SYNTHETIC_ACTORS, seconds=3.6)
+            (root / "done").touch()
+    elif not root.is_dir():
+        raise DataError(f"DATA_ROOT {root} does not exist (see README: Getting RAVDESS)")
     # The cache always holds every modality the files have; MODALITIES only selects what the model sees.
     prepare_cache(root, cache, channel=settings.channel, n_frames=n_frames, size=size,
                   workers=settings.num_workers or None)
