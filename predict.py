@@ -2,8 +2,9 @@
 
 Give files or folders (searched recursively) of video (mp4, avi, mov, webm, mkv) or audio (wav, flac, mp3), named
 anything. Each file goes through the preprocessing of training (data/preprocess.py: 16 kHz log-mel, N frames, one
-face box, SxS crops) with the settings the checkpoint was trained with: its run config, else the manifest of the
-cache it was trained on, else the defaults of data/preprocess.py. A file longer than the training window is cut into
+face box, SxS crops) with the settings the checkpoint was trained with: the manifest of the cache its run used (found
+from the run config stored in the checkpoint), else that run config's frames per clip and crop size, else the
+defaults of data/preprocess.py. A file longer than the training window is cut into
 sliding windows whose probabilities are averaged. A sound file gives the model no face, a silent video no sound:
 the model uses its learned missing-modality token. A file that cannot be read is reported and the rest go on; the
 exit status is 1 only if nothing could be predicted.
@@ -32,6 +33,7 @@ from tqdm import tqdm
 
 from data.preprocess import ClipError, Settings, face_crops, sample_frame_indices
 from data.ravdess import EMOTIONS, DataError
+from data.setup import DATASETS, DataSettings, cache_plan
 from data.windows import MEDIA_EXTENSIONS, Windows, is_video, read_windows, to_batch
 from models import ModelConfigError, build_model
 from training.checkpoint import load_checkpoint
@@ -138,34 +140,31 @@ def _manifest_settings(path: Path) -> Settings | None:
         raise ConfigError(f"{manifest} is not a cache manifest (no usable 'settings')") from None
 
 
-def _training_cache(run: dict) -> Path:
-    """Where the training run's cache was, by the rule of data/setup.prepare_data (relative to the current folder,
-    as the run was usually started from the repository root)."""
-    if run.get("CACHE_DIR"):
-        return Path(run["CACHE_DIR"]).expanduser()
-    data = "synthetic_ravdess" if run.get("DATASET") == "synthetic" else Path(str(run.get("DATA_ROOT", ""))).name
-    return Path(run.get("OUTPUT_DIR", "checkpoints")) / "cache" / data
+def _run_data_settings(run: dict) -> DataSettings | None:
+    """The DataSettings a training script built from its constants (named like its fields, in upper case)."""
+    values = {f.name: run[f.name.upper()] for f in fields(DataSettings) if f.name.upper() in run}
+    return DataSettings(**values) if values.get("dataset") in DATASETS else None
 
 
 def preprocessing_settings(state: dict, preprocess_from: str = "") -> tuple[Settings, str]:
-    """The preprocessing settings for a checkpoint and where they came from: PREPROCESS_FROM, else settings stored
-    in the checkpoint's run config (constants named like the fields of Settings, e.g. N_FRAMES, SECONDS), else the
-    manifest of the cache the run trained on, else the defaults of data/preprocess.py."""
+    """The preprocessing settings for a checkpoint and where they came from: PREPROCESS_FROM if given, else the
+    manifest of the cache the checkpoint's run trained on (found from its run config, as data/setup.py names it),
+    else the frames per clip and crop size of that run config with the defaults of data/preprocess.py."""
     if preprocess_from:
         settings = _manifest_settings(Path(preprocess_from).expanduser())
         if settings is None:
             raise ConfigError(f"--preprocess_from={preprocess_from}: no manifest.json there")
         return settings, f"cache manifest {preprocess_from}"
-    run = state.get("run_config") or {}
-    stored = {f.name: run[f.name.upper()] for f in fields(Settings) if f.name.upper() in run}
-    if stored:
-        return _settings_from(stored), f"the checkpoint's run config ({', '.join(k.upper() for k in stored)})"
-    if run:
-        cache = _training_cache(run)
-        settings = _manifest_settings(cache)
-        if settings is not None:
-            return settings, f"the training cache manifest {cache / 'manifest.json'}"
-    return Settings(), "the defaults of data/preprocess.py (none stored with the checkpoint)"
+    data = _run_data_settings(state.get("run_config") or {})
+    if data is None:
+        return Settings(), "the defaults of data/preprocess.py (the checkpoint has no training run config)"
+    _, cache, n_frames, size = cache_plan(data)
+    settings = _manifest_settings(cache)
+    if settings is not None:
+        return settings, f"the training cache manifest {cache / 'manifest.json'}"
+    return (Settings(n_frames=n_frames, size=size),
+            f"the checkpoint's run config (its cache {cache} is not here: the rest are the defaults of "
+            "data/preprocess.py)")
 
 
 def load_predictor(checkpoint: str | Path, device: str = "auto", preprocess_from: str = "") -> Predictor:

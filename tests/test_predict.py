@@ -241,18 +241,21 @@ def test_preprocessing_settings_come_with_the_checkpoint(media, tmp_path):
     cache.mkdir()
     (cache / "manifest.json").write_text(json.dumps({"settings": {**Settings(n_frames=8, size=64).to_json(),
                                                                   "future_field": 1}}))
-    from_manifest = save_model(tmp_path / "a.pt", "simple", run_config={"CACHE_DIR": str(cache)})
+    from_manifest = save_model(tmp_path / "a.pt", "simple", run_config={"DATASET": "ravdess",
+                                                                        "CACHE_DIR": str(cache)})
     predictor = predict.load_predictor(from_manifest, "cpu")
     assert (predictor.settings.n_frames, predictor.settings.size) == (8, 64)
     assert "manifest" in predictor.settings_source
     batch = to_batch(read_windows(media["happy_mp4"], predictor.settings, audio=True, frames=True, hop=1.0),
                      predictor.settings)
     assert batch["frames"].shape == (1, 8, 3, 64, 64)
-    from_run = save_model(tmp_path / "b.pt", "simple", run_config={"N_FRAMES": 4, "SECONDS": 2.0})
-    settings = predict.load_predictor(from_run, "cpu").settings
-    assert (settings.n_frames, settings.seconds, settings.size) == (4, 2.0, 112)
-    nothing = save_model(tmp_path / "c.pt", "simple", run_config={"CACHE_DIR": str(tmp_path / "gone")})
-    predictor = predict.load_predictor(nothing, "cpu", preprocess_from="")
+    # The run's cache is not on this machine: its frames per clip and crop size still come from the run config.
+    run = {"DATASET": "ravdess", "DATA_ROOT": "/elsewhere/RAVDESS", "N_FRAMES": 4, "FRAME_SIZE": 48,
+           "OUTPUT_DIR": str(tmp_path / "absent"), "MODALITIES": ("audio", "visual")}
+    predictor = predict.load_predictor(save_model(tmp_path / "b.pt", "simple", run_config=run), "cpu")
+    assert (predictor.settings.n_frames, predictor.settings.size) == (4, 48)
+    assert predictor.settings.modalities == ("audio", "video") and "run config" in predictor.settings_source
+    predictor = predict.load_predictor(save_model(tmp_path / "c.pt", "simple"), "cpu")
     assert predictor.settings == Settings() and "defaults" in predictor.settings_source
 
 
