@@ -34,7 +34,8 @@ def _check_type(key: str, old: object, new: object) -> object:
     # An int where a float is expected is fine (LR=1e-3 vs --lr=0); a string where a number is expected is a typo.
     if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
         return float(new)
-    if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(new, str):
+    # "all" is the one word a number may become (--fold=all: every fold of the cross-validation).
+    if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(new, str) and new != "all":
         raise ConfigError(f"--{key.lower()} expects a number, got '{new}'")
     if isinstance(old, bool) and not isinstance(new, bool):
         raise ConfigError(f"--{key.lower()} expects True or False, got '{new}'")
