@@ -117,25 +117,29 @@ class MultimodalFER(nn.Module):
         drop_audio = drop & (torch.rand(audio.shape, device=audio.device) < 0.5)
         return {"audio": audio & ~drop_audio, "visual": visual & ~(drop & ~drop_audio)}
 
+    def _modality(self, modality: str) -> tuple[nn.Module, nn.Parameter, str]:
+        """Encoder, learned missing-modality placeholder and batch key of `modality`."""
+        if modality == "audio":
+            return self.audio_encoder, self.audio_missing, "audio"
+        return self.visual_encoder, self.visual_missing, self.visual_input
+
     def tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Joint token sequence (B, L, width) before fusion, each token's rotary position, and token labels."""
-        inputs = {"audio": batch.get("audio")}
-        if "visual" in self.modalities:
-            inputs["visual"] = batch.get(self.visual_input)
+        inputs = {}
         for modality in self.modalities:
-            if inputs[modality] is None:
-                key = "audio" if modality == "audio" else self.visual_input
+            key = self._modality(modality)[2]
+            if key not in batch:
                 raise KeyError(f"MultimodalFER with modality '{modality}' needs batch['{key}']")
+            inputs[modality] = batch[key]
         present = self._drop_modalities({m: self._present(batch, m, inputs[m]) for m in self.modalities})
         parts = []
         for index, modality in enumerate(self.modalities):
-            encoder = self.audio_encoder if modality == "audio" else self.visual_encoder
-            placeholder = self.audio_missing if modality == "audio" else self.visual_missing
+            encoder, placeholder, _ = self._modality(modality)
             encoded = encode_present(encoder, inputs[modality], present[modality], placeholder)
-            parts.append(encoded + self.modality_embedding[index].to(encoded.dtype))
-        # The residual stream stays float32 under autocast (the matmuls inside the blocks still run in half
-        # precision): sixteen residual additions in float16 is where activations would first overflow.
-        x = torch.cat([p.float() for p in parts], dim=1)
+            # The residual stream stays float32 under autocast (the matmuls inside the blocks still run in half
+            # precision): sixteen residual additions in float16 is where activations would first overflow.
+            parts.append(encoded.float() + self.modality_embedding[index])
+        x = torch.cat(parts, dim=1)
         positions = torch.arange(self.n_segments, device=x.device).repeat(len(parts))
         n_audio = self.n_segments if "audio" in self.modalities else 0
         n_visual = self.n_segments if "visual" in self.modalities else 0
@@ -162,17 +166,14 @@ class MultimodalFER(nn.Module):
         An ImageNet-pretrained frame backbone keeps its weights.
         """
         depth = len(self.fusion.blocks)
-        frozen = getattr(self, "visual_encoder", None)
-        keep = frozen.backbone if isinstance(frozen, FrameEncoder) and frozen.pretrained else None
+        visual = getattr(self, "visual_encoder", None)
+        keep_backbone = isinstance(visual, FrameEncoder) and visual.pretrained
         for name, child in self.named_children():
-            if name == "visual_encoder" and keep is not None:
-                apply_init(child.proj, strategy, gain, depth)
-            else:
-                apply_init(child, strategy, gain, depth)
+            apply_init(child.proj if name == "visual_encoder" and keep_backbone else child, strategy, gain, depth)
 
     def parameter_breakdown(self) -> dict[str, int]:
         """Parameter count per component (the learned missing-modality tokens count under `embeddings`)."""
         breakdown = {name: count_parameters(child) for name, child in self.named_children()}
-        breakdown["embeddings"] = sum(p.numel() for name, p in self.named_parameters(recurse=False))
+        breakdown["embeddings"] = sum(p.numel() for p in self.parameters(recurse=False))
         breakdown["total"] = count_parameters(self)
         return breakdown

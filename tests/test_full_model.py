@@ -157,6 +157,16 @@ def test_scaled_residual_scales_output_projections_by_depth():
     assert torch.equal(scaled.fusion.blocks[0].mlp.up.weight, xavier.fusion.blocks[0].mlp.up.weight)
 
 
+def test_init_keeps_a_pretrained_frame_backbone():
+    model = small_model()
+    model.visual_encoder.pretrained = True  # as after ImageNet weights or load_face_pretrained
+    backbone = {k: v.clone() for k, v in model.visual_encoder.backbone.state_dict().items()}
+    projection = model.visual_encoder.proj[1].weight.clone()
+    model.init_weights("xavier")
+    assert all(torch.equal(v, model.visual_encoder.backbone.state_dict()[k]) for k, v in backbone.items())
+    assert not torch.equal(projection, model.visual_encoder.proj[1].weight)
+
+
 # ------------------------------------------------------------------------------------------ the model
 def test_config_rebuilds_the_model_and_features_input_works():
     model = small_model(visual_input="features", feature_dim=35)

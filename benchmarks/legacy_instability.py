@@ -1,0 +1,188 @@
+"""Study of the original failure: the full MultimodalFER trained with the legacy recipe vs the stable recipe.
+
+Legacy (what the research plan's 149M model used): PyTorch's default init, no QK-norm, LR 1e-4 with no warmup,
+no gradient clipping, float16 autocast. Stable: `scaled_residual` init, QK-norm, warmup, clipping at 1.0, same LR
+and precision. Both train the same architecture (the full model's 16-block LFM2 layout and head size, at a width
+a CPU can run in float16) on the same synthetic batches, through the project's `training.step.train_step`.
+
+Per step it prints the loss, the true-scale gradient norm (before clipping), the loss scale and whether the
+GradScaler skipped the step, the largest |activation| of any fusion module (float16 outputs under autocast, read
+by `training.monitor.ModuleMonitor`), the largest |attention logit| (`LFM2Stack.activation_stats`), and whether
+anything went non-finite (and where first). A float32 probe of the full-size model at init then shows how far its
+activations and logits are from float16's limit (65504).
+
+    python benchmarks/legacy_instability.py
+    python benchmarks/legacy_instability.py --steps=40 --legacy="{'lr': 1e-3}"
+    !python benchmarks/legacy_instability.py --visual_input=frames --width=256   # Colab (GPU: set --device=cuda)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python benchmarks/...` from anywhere
+
+from models.full import MultimodalFER  # noqa: E402
+from training.config import ConfigError, apply_overrides  # noqa: E402
+from training.monitor import ModuleMonitor  # noqa: E402
+from training.runtime import setup_runtime  # noqa: E402
+from training.stages import make_optimizer  # noqa: E402
+from training.step import NonFiniteLossError, move_batch, set_lr, train_step  # noqa: E402
+
+# --- model: the full model's layout and head size (64), at a smaller width so float16 runs on a CPU
+WIDTH = 128  # 768 is the full model
+N_HEADS = 2  # width / 64
+N_KV_HEADS = 1
+MLP_HIDDEN = 480  # the full model's ratio 2816 / 768, rounded
+VISUAL_INPUT = "features"  # features (35-d per clip, fast) | frames (ResNet-18 per frame; slow in fp16 on a CPU)
+# --- synthetic data
+BATCH_SIZE = 8
+N_BATCHES = 4  # distinct batches, cycled, so that the loss can go down
+AUDIO_FRAMES = 96  # log-mel frames (361 in the real cache; fewer keeps the fp16 CPU convolutions tolerable)
+N_FRAMES = 2  # face frames per clip, when VISUAL_INPUT is frames
+FRAME_SIZE = 32  # pixels
+SIGNAL = 1.0  # strength of the class-dependent pattern added to unit noise
+# --- recipes (init, qk_norm, lr, warmup_steps, clip_norm); override e.g. --legacy="{'lr': 1e-3}"
+LEGACY = {"init": "default", "qk_norm": False, "lr": 1e-4, "warmup_steps": 0, "clip_norm": None}
+STABLE = {"init": "scaled_residual", "qk_norm": True, "lr": 1e-4, "warmup_steps": 5, "clip_norm": 1.0}
+STEPS = 20  # optimizer steps per recipe
+WEIGHT_DECAY = 0.01
+# --- precision and runtime
+DEVICE = "cpu"  # cpu | cuda | auto
+AMP_DTYPE = "float16"  # the legacy precision; float32 shows the same recipes without half-precision effects
+SEED = 0
+FULL_SIZE_PROBE = True  # also one float32 forward of the 150M model at init, legacy vs stable
+
+FP16_MAX = torch.finfo(torch.float16).max
+
+
+def synthetic_batches(seed: int) -> list[dict]:
+    """Noise plus a fixed random pattern per class, for the audio and the visual input."""
+    g = torch.Generator().manual_seed(seed)
+    audio_patterns = torch.randn(8, 1, 64, AUDIO_FRAMES, generator=g)
+    visual_shape = (35,) if VISUAL_INPUT == "features" else (N_FRAMES, 3, FRAME_SIZE, FRAME_SIZE)
+    visual_patterns = torch.randn(8, *visual_shape, generator=g)
+    batches = []
+    for _ in range(N_BATCHES):
+        label = torch.randint(0, 8, (BATCH_SIZE,), generator=g)
+        batches.append({
+            "audio": torch.randn(BATCH_SIZE, 1, 64, AUDIO_FRAMES, generator=g) + SIGNAL * audio_patterns[label],
+            VISUAL_INPUT: torch.randn(BATCH_SIZE, *visual_shape, generator=g) + SIGNAL * visual_patterns[label],
+            "has_audio": torch.ones(BATCH_SIZE, dtype=torch.bool),
+            "has_visual": torch.ones(BATCH_SIZE, dtype=torch.bool),
+            "label": label,
+        })
+    return batches
+
+
+def build(recipe: dict, **config) -> MultimodalFER:
+    torch.manual_seed(SEED)
+    model = MultimodalFER(qk_norm=recipe["qk_norm"], **config)
+    model.init_weights(recipe["init"])
+    return model
+
+
+@torch.no_grad()
+def probe(model: MultimodalFER, batch: dict, autocast) -> dict[str, float]:
+    """Largest residual-stream value and attention logit, in eval mode (BatchNorm statistics untouched)."""
+    model.eval()
+    with autocast():
+        x, positions, _ = model.tokens(batch)
+        stats = model.fusion.activation_stats(x, positions)
+    logits = [v for k, v in stats.items() if k.endswith("attn_logit_max")]
+    return {"logit_max": max(logits), "stream_max": max(v for k, v in stats.items() if k.endswith("act_max"))}
+
+
+def largest_activation(monitor: ModuleMonitor, step: int) -> float:
+    return max((r.get("act_max_abs", 0.0) for r in monitor.records.get(step, {}).values()), default=0.0)
+
+
+def params_finite(model: MultimodalFER) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def run_recipe(name: str, recipe: dict, batches: list[dict], runtime) -> dict:
+    config = dict(width=WIDTH, n_heads=N_HEADS, n_kv_heads=N_KV_HEADS, mlp_hidden=MLP_HIDDEN,
+                  visual_input=VISUAL_INPUT, dropout=0.0, encoder_dropout=0.0)
+    model = build(recipe, **config).to(runtime.device)
+    optimizer = make_optimizer(model, recipe["lr"], WEIGHT_DECAY)
+    scaler = runtime.make_scaler()
+    print(f"\n== {name}: {recipe}; {model.parameter_breakdown()['total'] / 1e6:.2f}M parameters, "
+          f"{runtime.describe()}")
+    print(f"{'step':>4} {'loss':>8} {'grad_norm':>10} {'scale':>8} {'skip':>5} {'act_max':>9} {'logit_max':>9}"
+          f" {'stream_max':>10}  non-finite")
+    history = []
+    with ModuleMonitor(model, modules=("fusion",)) as monitor:
+        for step in range(STEPS):
+            batch = move_batch(batches[step % len(batches)], runtime.device)
+            stats = probe(model, batch, runtime.autocast)
+            warmup = recipe["warmup_steps"]
+            set_lr(optimizer, recipe["lr"] * min(1.0, (step + 1) / warmup) if warmup else recipe["lr"])
+            monitor.begin_step(step, scaler.get_scale() if scaler.is_enabled() else 1.0)
+            try:
+                result = train_step(model, batch, optimizer, scaler, runtime, clip_norm=recipe["clip_norm"],
+                                    after_unscale=monitor.read_gradients)
+                loss, grad_norm, scale, skipped = result.loss, result.grad_norm, result.scale, result.skipped
+                failure = None
+            except NonFiniteLossError as err:
+                loss, grad_norm, scale, skipped, failure = err.loss, math.nan, scaler.get_scale(), True, str(err)
+            event = monitor.first_non_finite()
+            if failure is None and event is not None:
+                failure = f"{event.phase} in {event.module}"
+            if failure is None and not params_finite(model):
+                failure = "parameters"
+            row = {"step": step, "loss": loss, "grad_norm": grad_norm, "scale": scale, "skipped": skipped,
+                   "act_max": largest_activation(monitor, step), **stats, "failure": failure}
+            history.append(row)
+            print(f"{step:>4} {loss:>8.4f} {grad_norm:>10.4g} {scale:>8.0f} {str(skipped):>5} "
+                  f"{row['act_max']:>9.4g} {row['logit_max']:>9.4g} {row['stream_max']:>10.4g}  {failure or '-'}", flush=True)
+            if failure is not None:
+                break
+    return summarise(name, history)
+
+
+def summarise(name: str, history: list[dict]) -> dict:
+    first, last = history[0], history[-1]
+    failed = next((r for r in history if r["failure"]), None)
+    skipped = sum(r["skipped"] for r in history)
+    verdict = (f"NON-FINITE at step {failed['step']} ({failed['failure']})" if failed
+               else f"finite for all {len(history)} steps")
+    print(f"-- {name}: {verdict}; scaler skipped {skipped} step(s); loss {first['loss']:.4f} -> {last['loss']:.4f}; "
+          f"act_max {first['act_max']:.4g} -> {last['act_max']:.4g} ({last['act_max'] / FP16_MAX:.2%} of fp16 max); "
+          f"logit_max {first['logit_max']:.4g} -> {last['logit_max']:.4g}")
+    return {"name": name, "failed": failed is not None, "history": history}
+
+
+def full_size_probe() -> None:
+    """One float32 forward of the default 150M model at init: how close to float16's range does it start?"""
+    g = torch.Generator().manual_seed(SEED)
+    batch = {"audio": torch.randn(2, 1, 64, AUDIO_FRAMES, generator=g),
+             "frames": torch.randn(2, 2, 3, 64, 64, generator=g)}
+    print("\n== full-size model (frames, 150M) at init, float32 forward, batch of 2")
+    for name, recipe in (("legacy", LEGACY), ("stable", STABLE)):
+        model = build(recipe)
+        stats = probe(model, batch, contextlib.nullcontext)
+        print(f"{name}: residual stream max {stats['stream_max']:.4g}, attention logit max {stats['logit_max']:.4g}"
+              f" (fp16 max {FP16_MAX:.0f})")
+
+
+def main() -> None:
+    runtime = setup_runtime(DEVICE, AMP_DTYPE, SEED)
+    batches = synthetic_batches(SEED)
+    results = [run_recipe("legacy", LEGACY, batches, runtime), run_recipe("stable", STABLE, batches, runtime)]
+    print("\n== summary: " + "; ".join(f"{r['name']} {'went non-finite' if r['failed'] else 'stayed finite'}"
+                                       for r in results))
+    if FULL_SIZE_PROBE:
+        full_size_probe()
+
+
+if __name__ == "__main__":
+    try:
+        apply_overrides(globals(), sys.argv[1:])
+        main()
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}") from None
