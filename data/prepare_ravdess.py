@@ -6,7 +6,7 @@ Finds every RAVDESS file under ROOT in any folder layout (Zenodo zips extracted 
 without sound, and the throughput in clips/s. See data/preprocess.py for what happens to one clip.
 
     python data/prepare_ravdess.py --root=~/data/RAVDESS --cache=cache/ravdess
-    python data/prepare_ravdess.py --root=../shared/data/ravdess_speech_16k --cache=cache/ravdess16k --modalities="('audio',)"
+    python data/prepare_ravdess.py --root=../shared/data/ravdess_speech_16k --cache=cache/ravdess16k
     !python data/prepare_ravdess.py --root=/content/drive/MyDrive/RAVDESS --cache=/content/cache/ravdess --workers=2
 """
 import sys

@@ -286,7 +286,8 @@ def make_synthetic_cache(cache_dir: str | os.PathLike, actors: Sequence[int] = (
     cache_dir = Path(cache_dir)
     (cache_dir / "clips").mkdir(parents=True, exist_ok=True)
     with single_threaded():
-        entries = [_cache_take(cache_dir / "clips", take, settings, seed) for take in takes_for(actors, emotions, takes)]
+        entries = [_cache_take(cache_dir / "clips", take, settings, seed)
+                   for take in takes_for(actors, emotions, takes)]
     write_manifest(cache_dir, settings, entries, [], complete=True)
     return cache_dir
 

@@ -45,7 +45,8 @@ def test_real_audio_clips_and_five_actor_disjoint_folds():
     assert sorted(a for f in folds for a in f.test) == list(range(1, 21))
     for k, split in enumerate(folds):
         assert split.test == tuple(range(4 * k + 1, 4 * k + 5))
-        parts = {part: {c.clip_id for c in clips if c.actor in getattr(split, part)} for part in ("train", "val", "test")}
+        parts = {part: {c.clip_id for c in clips if c.actor in getattr(split, part)}
+                 for part in ("train", "val", "test")}
         assert len(parts["test"]) == 240 and not (parts["train"] & parts["test"] or parts["val"] & parts["test"])
 
 
