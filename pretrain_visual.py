@@ -30,7 +30,7 @@ from torch import nn
 
 from models.encoders import FACE_CHECKPOINT_KIND, FrameEncoder
 from training.config import ConfigError, apply_overrides, config_keys
-from training.progress import Progress, end_epoch, resume
+from training.progress import EpochStats, Progress, end_epoch, resume
 from training.runs import RunFolder
 from training.runtime import setup_runtime
 from training.stages import make_optimizer
@@ -215,7 +215,7 @@ def main() -> None:
     loss_fn = lambda logits, batch: cross_entropy(logits, batch, LABEL_SMOOTHING)  # noqa: E731
     while progress.epoch < EPOCHS:
         model.train()
-        epoch_start, losses, correct, seen, grad_norms = time.time(), 0.0, 0, 0, []
+        epoch_start, stats = time.time(), EpochStats()
         for batch in train_batches:
             lr = cosine_lr(progress.step, total_steps, warmup_steps, LR)
             set_lr(optimizer, lr)
@@ -225,20 +225,19 @@ def main() -> None:
                 path = run.save_crash_dump(batch, {"model": model.state_dict()}, str(err))
                 raise SystemExit(f"{err}; crash dump in {path}") from None
             progress.step += 1
-            losses += result.loss * len(batch["label"])
-            seen += len(batch["label"])
-            grad_norms.append(result.grad_norm)
+            stats.update(result)
         val = evaluate(model, val_batches, runtime, num_classes=len(classes))
-        train_stats = {"train_loss": losses / seen, "grad_norm": float(np.mean(grad_norms)),
-                       "max_grad_norm": float(np.max(grad_norms)), "skipped_steps": 0,
-                       "train_accuracy": float("nan"), "epoch_seconds": time.time() - epoch_start}
+        # train_step returns no logits, so training accuracy is not tracked (None leaves a gap in the figure).
+        train_stats = {**stats.summary(), "train_accuracy": None, "epoch_seconds": time.time() - epoch_start}
         improved = end_epoch(run, progress, model, MODEL_NAME, optimizer, scaler, val, train_stats, lr, config)
         print(f"epoch {progress.epoch}/{EPOCHS}  loss {train_stats['train_loss']:.3f}  val acc "
               f"{val['accuracy']:.1%}  UAR {val['uar']:.1%}  {train_stats['epoch_seconds']:.0f}s"
               f"{'  (best)' if improved else ''}", flush=True)
 
     metrics = {"best_val_accuracy": progress.best_metric, "best_epoch": progress.best_epoch,
-               "epochs": progress.epoch, "wall_seconds": time.time() - start, "checkpoint": str(run.best),
+               "epochs": progress.epoch, "checkpoint": str(run.best),
+               # Summed over epochs, so it stays right across resumes.
+               "train_seconds": sum(h.get("epoch_seconds", 0.0) for h in progress.history),
                "class_names": classes}
     run.write_metrics(metrics)
     print(f"best validation accuracy {progress.best_metric:.1%} (epoch {progress.best_epoch}); "
