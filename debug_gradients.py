@@ -24,7 +24,7 @@ import json
 import math
 import sys
 import textwrap
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -260,11 +260,17 @@ def watch_fusion(model: torch.nn.Module) -> tuple[list[dict], RemovableHandle | 
     return records, fusion.register_forward_hook(hook)
 
 
+def print_step(record: dict) -> None:
+    print(f"step {record['step']}: loss {record['loss']:.4g}, gradient norm {record['grad_norm']:.4g}, "
+          f"loss scale {record['scale']:g}" + (", skipped" if record["skipped"] else ""), flush=True)
+
+
 def watch(model: torch.nn.Module, batches: Iterable[dict], runtime: Runtime, lr: float, warmup: int,
-          clip: float | None, weight_decay: float = 0.0) -> tuple[ModuleMonitor, list[dict]]:
+          clip: float | None, weight_decay: float = 0.0,
+          on_step: Callable[[dict], None] | None = None) -> tuple[ModuleMonitor, list[dict]]:
     """Train `model` on `batches` with the shared train step and a monitor on every module; stop after the first
     step in which something became non-finite. Returns the monitor (hooks already removed) and one record per
-    step (loss, global gradient norm, loss scale, skipped, fusion statistics)."""
+    step (loss, global gradient norm, loss scale, skipped, fusion statistics), each also passed to `on_step`."""
     optimizer = make_optimizer(model, lr, weight_decay)
     scaler = runtime.make_scaler()
     steps: list[dict] = []
@@ -284,6 +290,8 @@ def watch(model: torch.nn.Module, batches: Iterable[dict], runtime: Runtime, lr:
                 steps.append({"step": step, "loss": err.loss, "grad_norm": math.nan, "scale": monitor.loss_scale,
                               "skipped": True})
             steps[-1].update(fusion_stats[0] if fusion_stats else {})
+            if on_step is not None:
+                on_step(steps[-1])
             if monitor.first_non_finite() is not None or not math.isfinite(steps[-1]["loss"]):
                 break
     if fusion_hook is not None:
@@ -300,7 +308,8 @@ def watch_training(run: RunFolder, runtime: Runtime) -> str:
     model.to(runtime.device).train()
     lr, warmup = recipe_value("lr", LR), recipe_value("warmup_steps", WARMUP_STEPS)
     clip = recipe_value("clip_norm", CLIP_NORM)
-    monitor, steps = watch(model, make_batches(dataset, STEPS), runtime, lr, warmup, clip, WEIGHT_DECAY)
+    monitor, steps = watch(model, make_batches(dataset, STEPS), runtime, lr, warmup, clip, WEIGHT_DECAY,
+                           on_step=print_step)
     params = sum(p.numel() for p in model.parameters())
     header = [f"{MODEL} model ({MODEL_SIZE}, {params / 1e6:.2f}M parameters), {RECIPE} recipe: init "
               f"{recipe_value('init', INIT)}, LR {lr:g}, warmup {warmup} steps, clip "
@@ -347,11 +356,10 @@ def replay_crash(run: RunFolder, path: Path) -> str:
     header = [f"replay of {path} ({state['model_name']} model; training stopped with: "
               f"{state.get('reason', 'unknown')})",
               f"{runtime.describe()}, loss scale {scale:g}; replayed loss {loss.item():.4g}"]
-    report = write_outputs(run, monitor, steps, header)
     if monitor.first_non_finite() is None:
-        report += ("the replay stayed finite: the failure depends on something not in the dump (another dropout "
-                   "draw, precision or device); set --amp_dtype/--device as in the training run\n")
-    return report
+        header.append("the replay stayed finite: the failure depends on something not in the dump (another "
+                      "dropout draw, precision or device); set --amp_dtype/--device as in the training run")
+    return write_outputs(run, monitor, steps, header)
 
 
 def main() -> None:
