@@ -222,7 +222,9 @@ def main() -> None:
     run.write_config(config, runtime.describe())
     results = []
     for fold in folds:
-        fold_run = run.sub(f"fold{fold}") if len(folds) > 1 else run
+        # One folder per fold, so folds can also run as separate processes (--fold=0, --fold=1, ... on several
+        # GPUs or sessions) and a later --fold=all only collects their metrics.json.
+        fold_run = run if TEST_ACTORS else run.sub(f"fold{fold}")
         results.append(fold_run.read_metrics() or train_fold(fold_run, fold, settings, cache, runtime, config))
     if len(folds) > 1:
         report_folds(run, results, f"{len(folds)}-fold actor-disjoint CV over actors {ACTORS}, "

@@ -38,7 +38,7 @@ def run_main(module, overrides: dict) -> None:
 
 
 def final_weights(out: Path, script: str, run_name: str) -> dict:
-    return torch.load(out / script / run_name / "ckpt_last.pt", weights_only=True)["model"]
+    return torch.load(out / script / run_name / "fold0" / "ckpt_last.pt", weights_only=True)["model"]
 
 
 @pytest.mark.parametrize("script", ["train_simple_working"], indirect=True)
@@ -60,7 +60,7 @@ def test_resumed_run_matches_uninterrupted_run(script, synthetic_root, synthetic
     monkeypatch.setattr(script, "end_epoch", end_epoch_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_main(script, {**base, "RUN_NAME": "interrupted"})
-    state = torch.load(tmp_path / "train_simple_working" / "interrupted" / "ckpt_last.pt", weights_only=True)
+    state = torch.load(tmp_path / "train_simple_working" / "interrupted" / "fold0" / "ckpt_last.pt", weights_only=True)
     assert state["progress"]["epoch"] == 1 and state["progress"]["step"] == 2
     assert {"optimizer", "scaler", "rng", "model_config"} <= set(state)
     torch.manual_seed(123)  # a different RNG state now: resume must restore the saved one
@@ -72,18 +72,18 @@ def test_resumed_run_matches_uninterrupted_run(script, synthetic_root, synthetic
     for key in straight:
         assert torch.allclose(straight[key].float(), resumed[key].float(), atol=1e-6), key
     log = [json.loads(line) for line in
-           (tmp_path / "train_simple_working" / "interrupted" / "log.jsonl").read_text().splitlines()]
+           (tmp_path / "train_simple_working" / "interrupted" / "fold0" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3]
-    metrics = json.loads((tmp_path / "train_simple_working" / "interrupted" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "train_simple_working" / "interrupted" / "fold0" / "metrics.json").read_text())
     assert metrics["test_actors"] == [1] and metrics["val_actors"] == [2] and metrics["n"] == 16
-    assert (tmp_path / "train_simple_working" / "interrupted" / "figures" / "confusion_matrix.png").stat().st_size > 0
+    assert (tmp_path / "train_simple_working" / "interrupted" / "fold0" / "figures" / "confusion_matrix.png").stat().st_size > 0
 
 
 def test_kill_9_mid_epoch_then_same_command_resumes(synthetic_root, synthetic_cache, tmp_path):
     args = [sys.executable, "train_simple_working.py"] + [
         f"--{k.lower()}={v}" for k, v in tiny_overrides(synthetic_root, synthetic_cache, tmp_path).items()] + [
         "--epochs=30", "--patience=99", "--run_name=killed", "--modalities=('audio',)"]
-    run_dir = tmp_path / "train_simple_working" / "killed"
+    run_dir = tmp_path / "train_simple_working" / "killed" / "fold0"
     proc = subprocess.Popen(args, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (run_dir / "ckpt_last.pt").exists():
@@ -127,7 +127,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(script, synthetic_root, sy
     from training.config import run_script
 
     lite = build_model("lite", {"width": 32, "frame_backbone": "small", "fusion": "concat"})
-    save_checkpoint(tmp_path / "train_simple_working" / "mixed" / "ckpt_last.pt", make_state(lite, "lite"))
+    save_checkpoint(tmp_path / "train_simple_working" / "mixed" / "fold0" / "ckpt_last.pt", make_state(lite, "lite"))
     argv = [f"--{k.lower()}={v}" for k, v in tiny_overrides(synthetic_root, synthetic_cache, tmp_path).items()]
     with pytest.raises(SystemExit) as exit_info:
         run_script(script.main, vars(script), argv + ["--run_name=mixed"], user_errors=(DataError, ModelConfigError))
@@ -143,7 +143,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(script, synthetic_root, sy
 ], indirect=["script"])
 def test_progressive_scripts_run_both_stages(script, extra, synthetic_root, synthetic_cache, tmp_path):
     run_main(script, {**tiny_overrides(synthetic_root, synthetic_cache, tmp_path), **extra, "RUN_NAME": "tiny"})
-    run_dir = tmp_path / script.__name__ / "tiny"
+    run_dir = tmp_path / script.__name__ / "tiny" / "fold0"
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in log] == [0, 1]
     metrics = json.loads((run_dir / "metrics.json").read_text())

@@ -92,5 +92,6 @@ def run_script(main: Callable[[], object], namespace: dict, argv: list[str],
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; the same command resumes from the last checkpoint", file=sys.stderr)
+        print("interrupted (a training script resumes from its last checkpoint when run again with the same RUN_NAME)",
+              file=sys.stderr)
         sys.exit(130)
