@@ -73,14 +73,14 @@ class AudioEncoder(nn.Module):
     The input is standardised by BatchNorm over the batch (one mean/std for all bins), never by a per-clip std,
     which would divide by zero on a silent clip. A stride-2 stem and a stride-2 block per stage downsample early
     (64x361 -> 2x12 with four stages), so it trains on a CPU; frequency is averaged, time is pooled to n_tokens.
-    Optional SpecAugment-style masking (one frequency and one time band per clip) regularises in training only.
+    (SpecAugment is the dataset's job: `RavdessDataset(spec_augment=True)`.)
     """
 
     def __init__(self, width: int, n_mels: int = 64, channels: tuple = (32, 64, 128, 256), n_tokens: int = 8,
-                 dropout: float = 0.1, freq_mask: int = 0, time_mask: int = 0):
+                 dropout: float = 0.1):
         super().__init__()
         channels = tuple(channels)
-        self.n_tokens, self.freq_mask, self.time_mask = n_tokens, freq_mask, time_mask
+        self.n_tokens, self.n_mels = n_tokens, n_mels
         self.input_norm = nn.BatchNorm2d(1)
         self.stem = conv_bn_relu(1, channels[0], stride=2)
         blocks, previous = [], channels[0]
@@ -89,30 +89,11 @@ class AudioEncoder(nn.Module):
             previous = out_channels
         self.blocks = nn.Sequential(*blocks)
         self.proj = nn.Sequential(nn.Dropout(dropout), nn.Linear(previous, width))
-        self.n_mels = n_mels
-
-    def _spec_augment(self, x: torch.Tensor) -> torch.Tensor:
-        # After standardisation a masked band is set to 0, i.e. the batch mean, so masking adds no new scale.
-        b, _, f, t = x.shape
-        keep = torch.ones(b, 1, f, t, dtype=torch.bool, device=x.device)
-        for size, length, axis in ((self.freq_mask, f, 2), (self.time_mask, t, 3)):
-            if size <= 0:
-                continue
-            width = torch.randint(0, size + 1, (b,), device=x.device)
-            start = (torch.rand(b, device=x.device) * (length - width + 1)).long()
-            pos = torch.arange(length, device=x.device)
-            band = (pos[None] >= start[:, None]) & (pos[None] < (start + width)[:, None])  # (B, length)
-            shape = (b, 1, length, 1) if axis == 2 else (b, 1, 1, length)
-            keep &= ~band.view(shape)
-        return x * keep
 
     def forward(self, audio: torch.Tensor) -> torch.Tensor:
         if audio.dim() != 4 or audio.shape[1] != 1 or audio.shape[2] != self.n_mels:
             raise ValueError(f"AudioEncoder expects (B, 1, {self.n_mels}, T) log-mels, got {tuple(audio.shape)}")
-        x = self.input_norm(audio)
-        if self.training and (self.freq_mask or self.time_mask):
-            x = self._spec_augment(x)
-        x = self.blocks(self.stem(x))  # (B, C, F', T')
+        x = self.blocks(self.stem(self.input_norm(audio)))  # (B, C, F', T')
         x = F.adaptive_avg_pool1d(x.mean(dim=2), self.n_tokens)  # (B, C, n_tokens)
         return self.proj(x.transpose(1, 2))
 

@@ -34,7 +34,7 @@ ENCODER_NAMES = ("audio_encoder", "visual_encoder")
 # Real-data benchmark on a 2-core CPU: log-mel audio + per-clip OpenFace action units, narrow everything.
 CPU_CONFIG = {"visual_input": "features", "feature_dim": 35, "width": 128, "audio_channels": [16, 32, 64, 128],
               "visual_tokens": 4, "fusion": "cross_attention", "fusion_layers": 1, "dropout": 0.2,
-              "encoder_dropout": 0.2, "modality_dropout": 0.2, "freq_mask": 8, "time_mask": 40}
+              "encoder_dropout": 0.2, "modality_dropout": 0.2}
 
 
 class MultimodalFERLite(nn.Module):
@@ -58,8 +58,6 @@ class MultimodalFERLite(nn.Module):
         dropout: float = 0.1,
         encoder_dropout: float = 0.1,
         modality_dropout: float = 0.0,
-        freq_mask: int = 0,
-        time_mask: int = 0,
         num_classes: int = 8,
     ):
         super().__init__()
@@ -76,13 +74,11 @@ class MultimodalFERLite(nn.Module):
             "frame_backbone": frame_backbone, "pretrained": pretrained, "frame_input_size": frame_input_size,
             "visual_tokens": visual_tokens, "fusion": fusion, "fusion_layers": fusion_layers, "n_heads": n_heads,
             "mlp_ratio": mlp_ratio, "dropout": dropout, "encoder_dropout": encoder_dropout,
-            "modality_dropout": modality_dropout, "freq_mask": freq_mask, "time_mask": time_mask,
-            "num_classes": num_classes,
+            "modality_dropout": modality_dropout, "num_classes": num_classes,
         }
         self.modalities, self.visual_input, self.modality_dropout = modalities, visual_input, modality_dropout
         if "audio" in modalities:
-            self.audio_encoder = AudioEncoder(width, n_mels, tuple(audio_channels), audio_tokens, encoder_dropout,
-                                              freq_mask=freq_mask, time_mask=time_mask)
+            self.audio_encoder = AudioEncoder(width, n_mels, tuple(audio_channels), audio_tokens, encoder_dropout)
             self.audio_missing = nn.Parameter(torch.randn(audio_tokens, width) * 0.02)
         if "visual" in modalities:
             if visual_input == "frames":
