@@ -44,13 +44,15 @@ AUDIO_FROM = "wav"          # 'wav': 03- files beside the mp4 (full download); '
 DATA_DIR = ""               # where to write the clips (kept, reused on the next run); "" = temporary folder
 # Timing
 WORKERS = 2                 # processes, for both the decode and the preprocessing
+BASELINE_THREADS = 0        # decoder threads of the raw decode: 0 = OpenCV's default (one per core); 1 = one, as in
+                            # the preprocessing workers (a fair wall-clock race when other jobs load the machine)
 REPEATS = 2                 # timed passes of each; the best is kept
 
 
-def decode_every_frame(path: Path) -> tuple[int, float]:
+def decode_every_frame(path: Path, threads: int) -> tuple[int, float]:
     """Frames read and CPU seconds used (all threads of this process)."""
     start = time.process_time()
-    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, threads] if threads else [])
     n = 0
     while cap.read()[0]:
         n += 1
@@ -120,14 +122,15 @@ def main() -> None:
         videos = [c.video_source for c in clips]
         size_mb = sum(v.stat().st_size for v in videos) / len(videos) / 1e6
         print(f"{len(clips)} clips: {WIDTH}x{HEIGHT} {CODEC}, {FPS} fps, {SECONDS} s ({size_mb:.1f} MB per mp4), "
-              f"audio from {AUDIO_FROM}, {WORKERS} worker processes")
+              f"audio from {AUDIO_FROM}, {WORKERS} worker processes, baseline decoder threads "
+              f"{BASELINE_THREADS or 'default'}")
         (work / "clips").mkdir()
         decode, prep = (float("inf"),) * 3, (float("inf"),) * 3
         spawn = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(WORKERS, mp_context=spawn, initializer=init_worker) as pool:
             list(pool.map(warm_up, range(WORKERS)))
             for _ in range(REPEATS):
-                decode = min(decode, timed(pool, decode_every_frame, videos))
+                decode = min(decode, timed(pool, decode_every_frame, videos, [BASELINE_THREADS] * len(videos)))
                 prep = min(prep, timed(pool, preprocess_clip, clips, [root] * len(clips),
                                        [work / "clips"] * len(clips)))
         n = len(clips)
