@@ -100,8 +100,8 @@ class AudioEncoder(nn.Module):
 
 # ---------------------------------------------------------------------------------------------------- frames
 class SmallResNet(nn.Module):
-    """A 5-layer-deep ResNet for small face crops (48-64 px): stride-1 stem, then one basic block per stage,
-    the first at full resolution, each later one halving it. `out_dim` = channels[-1]."""
+    """A small ResNet for 48-64 px face crops: a stride-1 stem conv and one basic block per stage, the first at
+    full resolution (small faces need it), each later one halving it. `out_dim` = channels[-1]."""
 
     def __init__(self, channels: tuple[int, ...]):
         super().__init__()
