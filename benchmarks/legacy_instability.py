@@ -7,12 +7,17 @@ a CPU can run in float16) on the same synthetic batches, through the project's `
 
 Per step it prints the loss, the true-scale gradient norm (before clipping), the loss scale and whether the
 GradScaler skipped the step, the largest |activation| of any fusion module (float16 outputs under autocast, read
-by `training.monitor.ModuleMonitor`), the largest |attention logit| (`LFM2Stack.activation_stats`), and whether
-anything went non-finite (and where first). A float32 probe of the full-size model at init then shows how far its
-activations and logits are from float16's limit (65504).
+by `training.monitor.ModuleMonitor`), the largest |attention logit| (`LFM2Stack.activation_stats`), the L2 norm
+of the fusion weights after the step, and whether anything went non-finite (and where first). A float32 probe of
+the full-size model at init then shows how far its activations and logits are from float16's limit (65504).
+
+The recipes differ only in what a recipe controls: the architecture's own safeguards (float32 norms, softmax and
+residual stream, boolean masks, learned missing-modality tokens) are in place in both.
 
     python benchmarks/legacy_instability.py
-    python benchmarks/legacy_instability.py --steps=40 --legacy="{'lr': 1e-3}"
+    python benchmarks/legacy_instability.py --steps=40 --amp_dtype=float32 --full_size_probe=False
+    python benchmarks/legacy_instability.py --legacy="{'init': 'default', 'qk_norm': False, 'lr': 1e-3, \
+        'warmup_steps': 0, 'clip_norm': None}"
     !python benchmarks/legacy_instability.py --visual_input=frames --width=256   # Colab (GPU: set --device=cuda)
 """
 from __future__ import annotations
@@ -46,7 +51,7 @@ AUDIO_FRAMES = 96  # log-mel frames (361 in the real cache; fewer keeps the fp16
 N_FRAMES = 2  # face frames per clip, when VISUAL_INPUT is frames
 FRAME_SIZE = 32  # pixels
 SIGNAL = 1.0  # strength of the class-dependent pattern added to unit noise
-# --- recipes (init, qk_norm, lr, warmup_steps, clip_norm); override e.g. --legacy="{'lr': 1e-3}"
+# --- recipes: each a dict with exactly the keys of RECIPE_KEYS (an override gives the whole dict)
 LEGACY = {"init": "default", "qk_norm": False, "lr": 1e-4, "warmup_steps": 0, "clip_norm": None}
 STABLE = {"init": "scaled_residual", "qk_norm": True, "lr": 1e-4, "warmup_steps": 5, "clip_norm": 1.0}
 STEPS = 20  # optimizer steps per recipe
@@ -58,6 +63,7 @@ SEED = 0
 FULL_SIZE_PROBE = True  # also one float32 forward of the 150M model at init, legacy vs stable
 
 FP16_MAX = torch.finfo(torch.float16).max
+RECIPE_KEYS = {"init", "qk_norm", "lr", "warmup_steps", "clip_norm"}
 
 
 def synthetic_batches(seed: int) -> list[dict]:
@@ -105,7 +111,51 @@ def params_finite(model: MultimodalFER) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in model.parameters())
 
 
+@torch.no_grad()
+def fusion_weight_norm(model: MultimodalFER) -> float:
+    return torch.linalg.vector_norm(torch.stack([p.float().norm() for p in model.fusion.parameters()])).item()
+
+
+# Per-step table: column, width, number format.
+COLUMNS = (("step", 4, "d"), ("loss", 8, ".4f"), ("grad_norm", 10, ".4g"), ("scale", 8, ".0f"), ("skipped", 7, ""),
+           ("act_max", 9, ".4g"), ("logit_max", 9, ".4g"), ("stream_max", 10, ".4g"), ("w_norm", 8, ".2f"))
+
+
+def print_row(row: dict | None = None) -> None:
+    """One line of the per-step table (the header when `row` is None)."""
+    if row is None:
+        print(" ".join(f"{name:>{width}}" for name, width, _ in COLUMNS) + "  non-finite")
+        return
+    cells = [f"{row[name]!s:>{width}}" if not spec else f"{row[name]:>{width}{spec}}" for name, width, spec in COLUMNS]
+    print(" ".join(cells) + f"  {row['failure'] or '-'}", flush=True)
+
+
+def train_and_measure(model: MultimodalFER, batch: dict, optimizer, scaler, runtime, monitor: ModuleMonitor,
+                      recipe: dict, step: int) -> dict:
+    """One step of `recipe` on `batch` through the shared train step, with everything the table shows."""
+    stats = probe(model, batch, runtime.autocast)
+    warmup = recipe["warmup_steps"]
+    set_lr(optimizer, recipe["lr"] * min(1.0, (step + 1) / warmup) if warmup else recipe["lr"])
+    monitor.begin_step(step, scaler.get_scale() if scaler.is_enabled() else 1.0)
+    row = {"step": step, "failure": None}
+    try:
+        result = train_step(model, batch, optimizer, scaler, runtime, clip_norm=recipe["clip_norm"],
+                            after_unscale=monitor.read_gradients)
+        row.update(loss=result.loss, grad_norm=result.grad_norm, scale=result.scale, skipped=result.skipped)
+    except NonFiniteLossError as err:
+        row.update(loss=err.loss, grad_norm=math.nan, scale=scaler.get_scale(), skipped=True, failure=str(err))
+    event = monitor.first_non_finite()
+    if row["failure"] is None and event is not None:
+        row["failure"] = f"{event.phase} in {event.module}"
+    if row["failure"] is None and not params_finite(model):
+        row["failure"] = "parameters"
+    row.update(act_max=largest_activation(monitor, step), w_norm=fusion_weight_norm(model), **stats)
+    return row
+
+
 def run_recipe(name: str, recipe: dict, batches: list[dict], runtime) -> dict:
+    if set(recipe) != RECIPE_KEYS:
+        raise ConfigError(f"--{name} needs exactly the keys {sorted(RECIPE_KEYS)}, got {sorted(recipe)}")
     config = dict(width=WIDTH, n_heads=N_HEADS, n_kv_heads=N_KV_HEADS, mlp_hidden=MLP_HIDDEN,
                   visual_input=VISUAL_INPUT, dropout=0.0, encoder_dropout=0.0)
     model = build(recipe, **config).to(runtime.device)
@@ -113,34 +163,14 @@ def run_recipe(name: str, recipe: dict, batches: list[dict], runtime) -> dict:
     scaler = runtime.make_scaler()
     print(f"\n== {name}: {recipe}; {model.parameter_breakdown()['total'] / 1e6:.2f}M parameters, "
           f"{runtime.describe()}")
-    print(f"{'step':>4} {'loss':>8} {'grad_norm':>10} {'scale':>8} {'skip':>5} {'act_max':>9} {'logit_max':>9}"
-          f" {'stream_max':>10}  non-finite")
+    print_row()
     history = []
     with ModuleMonitor(model, modules=("fusion",)) as monitor:
         for step in range(STEPS):
             batch = move_batch(batches[step % len(batches)], runtime.device)
-            stats = probe(model, batch, runtime.autocast)
-            warmup = recipe["warmup_steps"]
-            set_lr(optimizer, recipe["lr"] * min(1.0, (step + 1) / warmup) if warmup else recipe["lr"])
-            monitor.begin_step(step, scaler.get_scale() if scaler.is_enabled() else 1.0)
-            try:
-                result = train_step(model, batch, optimizer, scaler, runtime, clip_norm=recipe["clip_norm"],
-                                    after_unscale=monitor.read_gradients)
-                loss, grad_norm, scale, skipped = result.loss, result.grad_norm, result.scale, result.skipped
-                failure = None
-            except NonFiniteLossError as err:
-                loss, grad_norm, scale, skipped, failure = err.loss, math.nan, scaler.get_scale(), True, str(err)
-            event = monitor.first_non_finite()
-            if failure is None and event is not None:
-                failure = f"{event.phase} in {event.module}"
-            if failure is None and not params_finite(model):
-                failure = "parameters"
-            row = {"step": step, "loss": loss, "grad_norm": grad_norm, "scale": scale, "skipped": skipped,
-                   "act_max": largest_activation(monitor, step), **stats, "failure": failure}
-            history.append(row)
-            print(f"{step:>4} {loss:>8.4f} {grad_norm:>10.4g} {scale:>8.0f} {str(skipped):>5} "
-                  f"{row['act_max']:>9.4g} {row['logit_max']:>9.4g} {row['stream_max']:>10.4g}  {failure or '-'}", flush=True)
-            if failure is not None:
+            history.append(train_and_measure(model, batch, optimizer, scaler, runtime, monitor, recipe, step))
+            print_row(history[-1])
+            if history[-1]["failure"] is not None:
                 break
     return summarise(name, history)
 
@@ -151,9 +181,10 @@ def summarise(name: str, history: list[dict]) -> dict:
     skipped = sum(r["skipped"] for r in history)
     verdict = (f"NON-FINITE at step {failed['step']} ({failed['failure']})" if failed
                else f"finite for all {len(history)} steps")
-    print(f"-- {name}: {verdict}; scaler skipped {skipped} step(s); loss {first['loss']:.4f} -> {last['loss']:.4f}; "
-          f"act_max {first['act_max']:.4g} -> {last['act_max']:.4g} ({last['act_max'] / FP16_MAX:.2%} of fp16 max); "
-          f"logit_max {first['logit_max']:.4g} -> {last['logit_max']:.4g}")
+    print(f"-- {name}: {verdict}; scaler skipped {skipped} step(s); loss {first['loss']:.4f} -> {last['loss']:.4f};"
+          f" act_max {first['act_max']:.4g} -> {last['act_max']:.4g} ({last['act_max'] / FP16_MAX:.2%} of fp16 max);"
+          f" logit_max {first['logit_max']:.4g} -> {last['logit_max']:.4g};"
+          f" fusion weight norm {first['w_norm']:.2f} -> {last['w_norm']:.2f}")
     return {"name": name, "failed": failed is not None, "history": history}
 
 

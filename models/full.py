@@ -1,8 +1,9 @@
 """MultimodalFER: the full (~150M-parameter) audio-visual model with LFM2 fusion (`train_full_model.py`).
 
-audio log-mel -> AudioEncoder -> S segment tokens ┐
-face frames (or per-clip features) -> S tokens  ──┼─ + modality embedding -> LFM2 stack -> attention pool -> 8 logits
-                                                  ┘
+    audio (B, 1, 64, T)    -> AudioEncoder                       -> (B, S, width) + audio embedding
+    frames (B, N, 3, H, W) -> FrameEncoder (or FeatureEncoder)   -> (B, S, width) + visual embedding
+    concatenated 2S tokens -> LFM2 stack -> attention pool -> classifier -> (B, 8) logits
+
 Each token's rotary position is its time-segment index, so `audio_i` and `visual_i` (the same stretch of the clip)
 share a position and attention sees audio-visual time offsets directly. A missing modality, or one dropped by
 modality dropout in training, is a learned placeholder (S, width) that never goes through the encoder.
