@@ -135,14 +135,35 @@ def test_checkpoint_of_another_model_is_a_clear_error(script, synthetic_root, sy
     assert "holds a 'lite' model, this script trains 'simple'" in capsys.readouterr().err
 
 
+def _recording_build(build, snapshots: list):
+    def recording_build(*args, **kwargs):
+        model, pretrained = build(*args, **kwargs)
+        snapshots.append({k: v.clone() for k, v in model.audio_encoder.state_dict().items()})
+        return model, pretrained
+    return recording_build
+
+
 @pytest.mark.parametrize("script, extra", [
-    ("train_lite_model", {"WIDTH": 32, "FRAME_BACKBONE": "small", "FUSION_LAYERS": 1, "FUSION": "gated",
-                          "STAGE1_EPOCHS": 1, "STAGE2_EPOCHS": 1, "STAGE1_FROZEN": ("visual_encoder",)}),
-    ("train_full_model", {"FRAME_BACKBONE": "small", "WIDTH": 32, "MLP_HIDDEN": 64, "N_HEADS": 2, "N_KV_HEADS": 1,
-                          "STAGE1_EPOCHS": 1, "STAGE2_EPOCHS": 1, "STAGE1_FROZEN": ("visual_encoder",)}),
+    ("train_lite_model", {"WIDTH": 32, "FUSION_LAYERS": 1, "FUSION": "transformer", "MODALITIES": ("audio",),
+                          "STAGE1_EPOCHS": 1, "STAGE2_EPOCHS": 1, "STAGE1_FROZEN": ("audio_encoder",)}),
+    ("train_full_model", {"WIDTH": 32, "MLP_HIDDEN": 64, "N_HEADS": 2, "N_KV_HEADS": 1, "MODALITIES": ("audio",),
+                          "STAGE1_EPOCHS": 1, "STAGE2_EPOCHS": 1, "STAGE1_FROZEN": ("audio_encoder",)}),
 ], indirect=["script"])
-def test_progressive_scripts_run_both_stages(script, extra, synthetic_root, synthetic_cache, tmp_path):
+def test_progressive_scripts_run_both_stages(script, extra, synthetic_root, synthetic_cache, tmp_path, monkeypatch):
+    """Stage 1 keeps the frozen encoder bit-identical (BatchNorm statistics included); stage 2 trains it."""
+    snapshots = []
+    original_end_epoch = script.end_epoch
+
+    def end_epoch_with_snapshot(run, progress, model, *args, **kwargs):
+        snapshots.append({k: v.clone() for k, v in model.audio_encoder.state_dict().items()})
+        return original_end_epoch(run, progress, model, *args, **kwargs)
+
+    monkeypatch.setattr(script, "end_epoch", end_epoch_with_snapshot)
+    monkeypatch.setattr(script, "build", _recording_build(script.build, snapshots))
     run_main(script, {**tiny_overrides(synthetic_root, synthetic_cache, tmp_path), **extra, "RUN_NAME": "tiny"})
+    initial, after_stage1, after_stage2 = snapshots
+    assert all(torch.equal(initial[k], after_stage1[k]) for k in initial)
+    assert not all(torch.equal(after_stage1[k], after_stage2[k]) for k in initial)
     run_dir = tmp_path / script.__name__ / "tiny" / "fold0"
     log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in log] == [0, 1]
