@@ -4,10 +4,10 @@ Give files or folders (searched recursively) of video (mp4, avi, mov, webm, mkv)
 anything. Each file goes through the preprocessing of training (data/preprocess.py: 16 kHz log-mel, N frames, one
 face box, SxS crops) with the settings the checkpoint was trained with: the manifest of the cache its run used (found
 from the run config stored in the checkpoint), else that run config's frames per clip and crop size, else the
-defaults of data/preprocess.py. A file longer than the training window is cut into
-sliding windows whose probabilities are averaged. A sound file gives the model no face, a silent video no sound:
-the model uses its learned missing-modality token. A file that cannot be read is reported and the rest go on; the
-exit status is 1 only if nothing could be predicted.
+defaults of data/preprocess.py. A file longer than the training window is cut into sliding windows whose
+probabilities are averaged. A sound file gives the model no face, a video without sound no sound: the model uses
+its learned missing-modality token. A file that cannot be read is reported and the rest go on; the exit status is 1
+only if nothing could be predicted.
 
     python predict.py my_clips/ talk.wav --checkpoint=checkpoints/train_simple_working/simple/ckpt_best.pt
     python predict.py interview.mp4 --checkpoint=checkpoints/train_lite_model/lite/ckpt_best.pt --output=preds.csv
@@ -242,7 +242,7 @@ def format_table(predictions: list[Prediction], k: int) -> str:
             rows.append((p.file, emotion, f"{prob:.2f}", ", ".join(f"{e} {q:.2f}" for e, q in top), str(p.windows),
                          p.inputs, "; ".join(p.notes)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows).rstrip()
+    return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip() for r in rows)
 
 
 def write_output(predictions: list[Prediction], path: Path, k: int, header: dict) -> None:
