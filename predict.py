@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import time
 from collections import deque
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -55,8 +54,8 @@ TOP_K = 3  # classes listed per file
 
 # ---- live camera (face frames only: no sound is recorded)
 WEBCAM = False  # True (or a bare --webcam): predict from a camera instead of files, until Ctrl-C
-CAMERA = 0  # OpenCV camera index
-WEBCAM_EVERY_SECONDS = 1.0  # seconds between two live predictions
+CAMERA = 0  # OpenCV camera index, or a stream URL or video file (played as if live)
+WEBCAM_EVERY_SECONDS = 1.0  # seconds of video between two live predictions
 
 
 @dataclass
@@ -275,21 +274,23 @@ def check_output(output: str) -> Path | None:
 
 # --------------------------------------------------------------------------------------------------- camera
 
-def open_camera(index: int) -> cv2.VideoCapture:
+def open_camera(camera: int | str) -> cv2.VideoCapture:
     # OpenCV logs its own multi-line warnings for a missing camera; the one-line error below says it all.
     previous = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     try:
-        cap = cv2.VideoCapture(index)
+        cap = cv2.VideoCapture(camera)
         if not cap.isOpened():
-            raise ConfigError(f"no camera found at index {index} (--camera=N picks another one)")
+            where = f"at index {camera}" if isinstance(camera, int) else f"at {camera}"
+            raise ConfigError(f"no camera found {where} (--camera=N picks another one)")
     finally:
         cv2.utils.logging.setLogLevel(previous)
     return cap
 
 
-def run_webcam(predictor: Predictor, camera: int, every: float, k: int) -> None:
-    """Print the running prediction of the last training window of camera frames until Ctrl-C."""
+def run_webcam(predictor: Predictor, camera: int | str, every: float, k: int) -> None:
+    """Print the running prediction of the last training window of camera frames until Ctrl-C or the stream
+    ends."""
     if not predictor.uses_frames:
         raise ConfigError("--webcam needs a model that sees face frames; this one uses "
                           f"{'+'.join(predictor.modalities)} ({predictor.visual_input})")
@@ -297,18 +298,20 @@ def run_webcam(predictor: Predictor, camera: int, every: float, k: int) -> None:
     fps = cap.get(cv2.CAP_PROP_FPS) or 30.0  # some cameras report 0
     settings = predictor.settings
     recent: deque = deque(maxlen=max(settings.n_frames, round(settings.seconds * fps)))
+    # Counted in frames, not wall time: a video file played "live" then gives the same predictions as a camera.
+    step, seen = max(1, round(every * fps)), 0
     print(f"camera {camera} at {fps:.0f} fps, a prediction every {every:g} s from the last {settings.seconds:g} s "
           "of frames (no sound); Ctrl-C stops")
-    last = 0.0
     try:
         while True:
             ok, frame = cap.read()
             if not ok:
-                raise ConfigError(f"camera {camera} stopped delivering frames")
+                print(f"\ncamera {camera}: no more frames")
+                return
             recent.append(frame)
-            if len(recent) < recent.maxlen or time.monotonic() - last < every:
+            seen += 1
+            if len(recent) < recent.maxlen or (seen - recent.maxlen) % step:
                 continue
-            last = time.monotonic()
             picks = sample_frame_indices(len(recent), fps, settings.n_frames, settings.seconds)
             crops, face = face_crops([recent[i] for i in picks], settings)
             windows = Windows(Path(f"camera {camera}"), settings.seconds, [None], None, crops[None], int(face))

@@ -272,6 +272,17 @@ def test_csv_output_parses_back(media, trained_simple, tmp_path, monkeypatch):
     assert good["top"].startswith(good["emotion"]) and bad["error"] and bad["emotion"] == ""
 
 
+def test_webcam_loop_on_a_video_stream(media, trained_simple, monkeypatch, capsys):
+    for key, value in {"CHECKPOINT": str(trained_simple), "WEBCAM": True, "CAMERA": str(media["long_mp4"]),
+                       "WEBCAM_EVERY_SECONDS": 1.0}.items():
+        monkeypatch.setattr(predict, key, value)
+    assert predict.main([]) == 0
+    lines = capsys.readouterr().out.split("\r")[1:]  # one running prediction per \r
+    # 120 frames at 15 fps: the first prediction once 3.6 s (54 frames) are in, then one every 15 frames.
+    assert len(lines) == 5 and all(line.split()[0] in EMOTIONS for line in lines)
+    assert "no more frames" in lines[-1]
+
+
 def test_no_camera_is_one_clear_error(trained_simple, monkeypatch):
     for key, value in {"CHECKPOINT": str(trained_simple), "WEBCAM": True, "CAMERA": 97}.items():
         monkeypatch.setattr(predict, key, value)
