@@ -54,7 +54,7 @@ TOP_K = 3  # classes listed per file
 
 # ---- live camera (face frames only: no sound is recorded)
 WEBCAM = False  # True (or a bare --webcam): predict from a camera instead of files, until Ctrl-C
-CAMERA = 0  # OpenCV camera index, or a stream URL or video file (played as if live)
+CAMERA = "0"  # OpenCV camera index ("0", "1"), or a stream URL or video file (played as if live)
 WEBCAM_EVERY_SECONDS = 1.0  # seconds of video between two live predictions
 
 
@@ -275,13 +275,14 @@ def check_output(output: str) -> Path | None:
 # --------------------------------------------------------------------------------------------------- camera
 
 def open_camera(camera: int | str) -> cv2.VideoCapture:
+    index = str(camera).isdigit()
     # OpenCV logs its own multi-line warnings for a missing camera; the one-line error below says it all.
     previous = cv2.utils.logging.getLogLevel()
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     try:
-        cap = cv2.VideoCapture(camera)
+        cap = cv2.VideoCapture(int(camera) if index else str(camera))
         if not cap.isOpened():
-            where = f"at index {camera}" if isinstance(camera, int) else f"at {camera}"
+            where = f"at index {camera}" if index else f"at {camera}"
             raise ConfigError(f"no camera found {where} (--camera=N picks another one)")
     finally:
         cv2.utils.logging.setLogLevel(previous)
