@@ -43,11 +43,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from training.config import ConfigError, apply_overrides
+    from training.config import run_script
 
-    try:
-        apply_overrides(globals(), sys.argv[1:])
-        main()
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, globals(), sys.argv[1:], user_errors=(DataError,))
