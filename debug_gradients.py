@@ -35,7 +35,7 @@ import models
 from data.dataset import RavdessDataset
 from data.ravdess import DataError
 from data.synthetic import make_synthetic_cache
-from training.checkpoint import load_checkpoint
+from training.checkpoint import load_checkpoint, rebuild_model
 from training.config import ConfigError, config_keys, run_script
 from training.monitor import ModuleMonitor
 from training.runs import RunFolder
@@ -334,8 +334,7 @@ def replay_crash(run: RunFolder, path: Path) -> str:
     if "batch" not in state:
         raise ConfigError(f"{path} is a checkpoint, not a crash dump (no batch); crash dumps are crash/crash.pt")
     runtime = setup_runtime(DEVICE, AMP_DTYPE or training_precision(path), SEED)
-    model = models.build_model(state["model_name"], state["model_config"])
-    model.load_state_dict(state["model"])
+    model = rebuild_model(state, path)
     # Train mode as in training (batch statistics); dropout draws differ from the failing step's.
     model.to(runtime.device).train()
     scale = float(state["scaler"]["scale"]) if runtime.use_scaler and "scaler" in state else 1.0

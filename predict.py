@@ -34,8 +34,8 @@ from data.preprocess import ClipError, Settings, face_crops, sample_frame_indice
 from data.ravdess import EMOTIONS, DataError
 from data.setup import DATASETS, DataSettings, cache_plan
 from data.windows import MEDIA_EXTENSIONS, Windows, is_video, read_windows, to_batch
-from models import ModelConfigError, build_model
-from training.checkpoint import load_checkpoint
+from models import ModelConfigError
+from training.checkpoint import load_checkpoint, rebuild_model
 from training.config import ConfigError, apply_overrides, config_keys
 from training.runtime import resolve_device
 
@@ -169,16 +169,7 @@ def preprocessing_settings(state: dict, preprocess_from: str = "") -> tuple[Sett
 def load_predictor(checkpoint: str | Path, device: str = "auto", preprocess_from: str = "") -> Predictor:
     """Rebuild the checkpoint's model from its stored name and config, load the weights, eval mode."""
     state = load_checkpoint(Path(checkpoint).expanduser())
-    config = dict(state["model_config"])
-    # The weights come from the checkpoint: downloading ImageNet weights first would be wasted (and fails offline).
-    if config.get("pretrained"):
-        config["pretrained"] = False
-    model = build_model(state["model_name"], config)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise ConfigError(f"{checkpoint}: the weights do not fit the stored model config "
-                          f"({str(err).splitlines()[0]})") from None
+    model = rebuild_model(state, checkpoint)
     resolved = resolve_device(device)
     model.to(resolved).eval()
     settings, source = preprocessing_settings(state, preprocess_from)

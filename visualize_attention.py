@@ -30,7 +30,7 @@ from data.preprocess import ClipError, Settings
 from data.ravdess import DataError
 from data.windows import read_windows, to_batch
 from models.layers import AttentionMap
-from training.checkpoint import load_checkpoint
+from training.checkpoint import load_checkpoint, rebuild_model
 from training.config import ConfigError, config_keys, run_script
 from training.runs import RunFolder
 from training.runtime import resolve_device
@@ -56,15 +56,7 @@ def load_model(path: str, device: torch.device) -> tuple[torch.nn.Module, str]:
     if not path:
         raise ConfigError("say which checkpoint to visualise: --checkpoint=path/to/ckpt_best.pt")
     state = load_checkpoint(Path(path).expanduser())
-    config = dict(state["model_config"])
-    if config.get("pretrained"):
-        config["pretrained"] = False  # the weights come from the checkpoint; no ImageNet download
-    model = models.build_model(state["model_name"], config)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise ConfigError(f"{path}: the weights do not fit the stored model config "
-                          f"({str(err).splitlines()[0]})") from None
+    model = rebuild_model(state, path)
     return model.to(device).eval(), state["model_name"]
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from data.dataset import IMAGENET_MEAN, IMAGENET_STD
-from data.preprocess import (VIDEO_EXTENSIONS, ClipError, NoSound, Settings, face_crops, fix_length, log_mel,
+from data.preprocess import (VIDEO_EXTENSIONS, ClipError, Settings, face_crops, fix_length, log_mel,
                              read_frames_at, read_sound, sample_frame_indices)
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg")

@@ -43,7 +43,11 @@ def apply_init(model: nn.Module, strategy: str, gain: float = 0.5, depth: int = 
         return
     base = "kaiming" if strategy == "kaiming" else "xavier"
     for layer in model.modules():
-        if isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups > 1:
+            # Depthwise: Xavier would count every channel as fan-out (about 23x too small at width 768) and
+            # silence the short convolutions; PyTorch's fan-in-based default fits grouped convolutions.
+            layer.reset_parameters()
+        elif isinstance(layer, (nn.Linear, nn.Conv1d, nn.Conv2d)):
             _init_layer(layer, base, gain)
         elif isinstance(layer, nn.Embedding):
             nn.init.normal_(layer.weight, std=0.02)

@@ -171,3 +171,22 @@ def test_frozen_modules_do_not_change_and_keep_batchnorm_stats():
 def test_config_keys_only_plain_upper_constants():
     ns = {"LR": 1.0, "lower": 1, "Path": object(), "_PRIVATE": 1, "TORCH": torch}
     assert cfg.config_keys(ns) == ["LR"]
+
+
+def test_learned_tokens_and_norms_get_no_weight_decay():
+    model = TinyModel()
+    model.placeholder = nn.Parameter(torch.zeros(2, 4))  # a top-level learned token, 2-D like a weight
+    groups = make_optimizer(model, lr=0.1, weight_decay=0.5).param_groups
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert id(model.placeholder) not in decayed and id(model.encoder[1].weight) not in decayed
+    assert id(model.encoder[0].weight) in decayed and id(model.classifier.weight) in decayed
+
+
+def test_xavier_keeps_depthwise_convolutions_at_fan_in_scale():
+    from models.init import apply_init
+
+    model = nn.Sequential(nn.Conv1d(768, 768, 3, groups=768), nn.Linear(768, 768))
+    apply_init(model, "xavier", gain=0.5)
+    bound = 1 / math.sqrt(3)  # PyTorch's default for a depthwise kernel of size 3
+    assert model[0].weight.abs().max() > 0.5 * bound
+    assert model[1].weight.abs().max() <= 0.5 * math.sqrt(6 / (768 + 768)) + 1e-6

@@ -65,6 +65,24 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return state
 
 
+def rebuild_model(state: dict, path: Path | str = "checkpoint") -> nn.Module:
+    """The checkpoint's model, rebuilt from its stored name and config, with its weights loaded.
+
+    `pretrained` is switched off: the weights come from the checkpoint, so an ImageNet download first would be
+    wasted (and fails offline).
+    """
+    from models import build_model
+
+    config = {**state["model_config"], **({"pretrained": False} if "pretrained" in state["model_config"] else {})}
+    model = build_model(state["model_name"], config)
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise ConfigError(f"{path}: the weights do not fit the stored model config "
+                          f"({str(err).splitlines()[0]})") from None
+    return model
+
+
 def load_model_weights(model: nn.Module, state: dict, expected_name: str, path: Path | str = "checkpoint") -> None:
     """Load `state["model"]` into `model`, with a clear error when the checkpoint belongs to another model."""
     if state["model_name"] != expected_name:

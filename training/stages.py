@@ -40,10 +40,14 @@ def train_mode(model: nn.Module, frozen: list[str]) -> None:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, eps: float = 1e-8) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; biases, norms and embeddings/tokens get no weight decay."""
+    """AdamW over the trainable parameters; biases, norms, embeddings and learned tokens get no weight decay.
+
+    Learned tokens (missing-modality placeholders, modality embeddings) are the model's top-level parameters.
+    """
     decay, no_decay = [], []
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
+            is_token = "." not in name or name.endswith("embedding.weight")
+            (decay if param.dim() >= 2 and not is_token else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=eps)
