@@ -434,6 +434,13 @@ def write_manifest(cache_dir: Path, settings: Settings, entries: list[dict], fai
 _VIDEO_SETTINGS = ("n_frames", "size", "face_frames", "face_width", "face_margin")
 
 
+def _is_complete(cache_dir: Path) -> bool:
+    try:
+        return bool(json.loads((cache_dir / "manifest.json").read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
+
+
 def _check_settings(cache_dir: Path, settings: Settings) -> None:
     path = cache_dir / "manifest.json"
     if not path.exists():
@@ -518,7 +525,11 @@ def prepare_cache(root: str | os.PathLike, cache_dir: str | os.PathLike, *, chan
         else:
             todo.append(clip)
     summary.n_cached = len(entries)
-    write_manifest(cache_dir, settings, entries, [], complete=False, root=root)
+    # A finished cache is left untouched when nothing changed, so that several training processes (one per fold)
+    # can start on it at once without one seeing the other's "incomplete" manifest.
+    finished = not todo and _is_complete(cache_dir)
+    if not finished:
+        write_manifest(cache_dir, settings, entries, [], complete=False, root=root)
 
     results = _run_all(todo, root, settings, clips_dir, workers, progress)
     for clip, (status, result) in zip(todo, results):
@@ -530,7 +541,8 @@ def prepare_cache(root: str | os.PathLike, cache_dir: str | os.PathLike, *, chan
     summary.notes = [(e["clip_id"], note) for e in sorted(entries, key=lambda e: e["clip_id"]) for note in e["notes"]]
     summary.n_audio = sum(e["has_audio"] for e in entries)
     summary.n_video = sum(e["has_video"] for e in entries)
-    write_manifest(cache_dir, settings, entries, summary.failures, complete=True, root=root)
+    if not finished:
+        write_manifest(cache_dir, settings, entries, summary.failures, complete=True, root=root)
     summary.seconds = time.perf_counter() - start
     log(str(summary))
     return summary

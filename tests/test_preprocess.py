@@ -276,3 +276,19 @@ def test_script_with_worker_processes_matches_in_process_result(synthetic_root, 
             assert np.array_equal(a["frames"], b["frames"]) and np.allclose(a["logmel"], b["logmel"], atol=1e-4)
     bad = subprocess.run(cmd[:2] + [f"--root={tmp_path / 'nope'}"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("error: data root")
+
+
+def test_rerun_on_a_finished_cache_leaves_the_manifest_untouched(synthetic_root, tmp_path):
+    """Folds started as parallel processes all call prepare_cache on one finished cache: no rewrite, no race."""
+    import shutil
+
+    from data.preprocess import prepare_cache
+
+    root = tmp_path / "root"
+    shutil.copytree(synthetic_root / "Actor_01", root / "Actor_01")
+    cache = tmp_path / "cache"
+    prepare_cache(root, cache, workers=0, progress=False, log=lambda _: None)
+    manifest = cache / "manifest.json"
+    before = manifest.stat().st_mtime_ns
+    summary = prepare_cache(root, cache, workers=0, progress=False, log=lambda _: None)
+    assert summary.n_new == 0 and manifest.stat().st_mtime_ns == before
