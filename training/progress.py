@@ -67,7 +67,11 @@ def resume(run: RunFolder, model: nn.Module, optimizer: torch.optim.Optimizer, s
         return Progress()
     state = load_checkpoint(run.last)
     load_model_weights(model, state, model_name, run.last)
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except ValueError as err:  # e.g. the parameter groups changed with the code since the checkpoint was written
+        raise ConfigError(f"{run.last}: its optimizer state does not fit this model ({err}); "
+                          "start a new RUN_NAME") from None
     scaler.load_state_dict(state["scaler"])
     set_rng_state(state["rng"])
     progress = Progress(**state["progress"])
