@@ -40,6 +40,10 @@ def test_overrides_parse_literals_and_both_spellings():
     assert ns["BATCH_SIZE"] == 32 and ns["LR"] == 0.0 and isinstance(ns["LR"], float)
     assert ns["MODALITIES"] == ("audio",) and ns["DATA_ROOT"] == "/content/drive/RAVDESS" and ns["AMP"] is False
     assert resolved["BATCH_SIZE"] == 32
+    apply_overrides(ns, ["--modalities=audio"])
+    assert ns["MODALITIES"] == ("audio",)
+    apply_overrides(ns, ["--modalities=audio,visual"])
+    assert ns["MODALITIES"] == ("audio", "visual")
 
 
 def test_overrides_reject_unknown_key_with_suggestion():

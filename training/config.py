@@ -41,6 +41,8 @@ def _check_type(key: str, old: object, new: object) -> object:
         raise ConfigError(f"--{key.lower()} expects True or False, got '{new}'")
     if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
         return type(old)(new)
+    if isinstance(old, (list, tuple)) and isinstance(new, str):  # --modalities=audio or --modalities=audio,visual
+        return type(old)(part for part in new.split(",") if part)
     return new
 
 
