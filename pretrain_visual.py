@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 
 from models.encoders import FACE_CHECKPOINT_KIND, FrameEncoder
-from training.config import ConfigError, apply_overrides, config_keys
+from training.config import ConfigError, config_keys, run_script
 from training.progress import EpochStats, Progress, end_epoch, resume
 from training.runs import RunFolder
 from training.runtime import setup_runtime
@@ -245,8 +245,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        apply_overrides(globals(), sys.argv[1:])
-        main()
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    run_script(main, globals(), sys.argv[1:])

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python benchmarks/...` from anywhere
 
 from models.full import MultimodalFER  # noqa: E402
-from training.config import ConfigError, apply_overrides  # noqa: E402
+from training.config import ConfigError, run_script  # noqa: E402
 from training.monitor import ModuleMonitor  # noqa: E402
 from training.runtime import setup_runtime  # noqa: E402
 from training.stages import make_optimizer  # noqa: E402
@@ -212,8 +212,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        apply_overrides(globals(), sys.argv[1:])
-        main()
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    run_script(main, globals(), sys.argv[1:])

@@ -23,7 +23,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python benchmarks/...` from anywhere
 
 from models.full import MultimodalFER  # noqa: E402
-from training.config import ConfigError, apply_overrides  # noqa: E402
+from training.config import ConfigError, run_script  # noqa: E402
 
 # --- model
 MODEL_CONFIG = {}  # MultimodalFER arguments that differ from its defaults, e.g. {"width": 512}
@@ -145,8 +145,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        apply_overrides(globals(), sys.argv[1:])
-        main()
-    except ConfigError as err:
-        raise SystemExit(f"error: {err}") from None
+    run_script(main, globals(), sys.argv[1:])
