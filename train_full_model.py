@@ -30,7 +30,7 @@ from data.setup import DataSettings, build_loaders, prepare_data, make_split
 from data.ravdess import DataError
 from models import ModelConfigError, build_model
 from training.config import ConfigError, config_keys, run_script
-from training.progress import (EpochStats, crash_exit, end_epoch, final_test, fold_list, next_stage, report_folds,
+from training.progress import (EpochStats, crash_exit, cross_validate, end_epoch, final_test, fold_list, next_stage,
                                resume)
 from training.runs import RunFolder
 from training.runtime import setup_runtime
@@ -220,16 +220,11 @@ def main() -> None:
     cache = prepare_data(settings)
     run = RunFolder("train_full_model", RUN_NAME, OUTPUT_DIR)
     run.write_config(config, runtime.describe())
-    results = []
-    for fold in folds:
-        # One folder per fold, so folds can also run as separate processes (--fold=0, --fold=1, ... on several
-        # GPUs or sessions) and a later --fold=all only collects their metrics.json.
-        fold_run = run if TEST_ACTORS else run.sub(f"fold{fold}")
-        results.append(fold_run.read_metrics() or train_fold(fold_run, fold, settings, cache, runtime, config))
-    if len(folds) > 1:
-        report_folds(run, results, f"{len(folds)}-fold actor-disjoint CV over actors {ACTORS}, "
-                                   f"modalities {'+'.join(MODALITIES)} ({VISUAL_INPUT if 'visual' in MODALITIES else 'no visual'}), "
-                                   f"LFM2 fusion, preset {PRESET}{', LEGACY recipe' if LEGACY else ''}")
+    cross_validate(run, folds, lambda fold_run, fold: train_fold(fold_run, fold, settings, cache, runtime, config),
+                   f"{len(folds)}-fold actor-disjoint CV over actors {ACTORS}, "
+                   f"modalities {'+'.join(MODALITIES)} ({VISUAL_INPUT if 'visual' in MODALITIES else 'no visual'}), "
+                   f"LFM2 fusion, preset {PRESET}{', LEGACY recipe' if LEGACY else ''}",
+                   explicit_split=bool(TEST_ACTORS))
 
 
 if __name__ == "__main__":

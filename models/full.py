@@ -24,7 +24,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from models.encoders import AttentionPool, AudioEncoder, FeatureEncoder, FrameEncoder, encode_present
+from models.encoders import (AttentionPool, AudioEncoder, FeatureEncoder, FrameEncoder, drop_one_modality,
+                             encode_present)
 from models.init import apply_init
 from models.layers import AttentionMap, count_parameters, modality_token_labels
 from models.lfm2 import LFM2Stack
@@ -113,10 +114,8 @@ class MultimodalFER(nn.Module):
         """
         if not (self.training and self.modality_dropout > 0 and len(present) == 2):
             return present
-        audio, visual = present["audio"], present["visual"]
-        drop = (torch.rand(audio.shape, device=audio.device) < self.modality_dropout) & audio & visual
-        drop_audio = drop & (torch.rand(audio.shape, device=audio.device) < 0.5)
-        return {"audio": audio & ~drop_audio, "visual": visual & ~(drop & ~drop_audio)}
+        audio, visual = drop_one_modality(present["audio"], present["visual"], self.modality_dropout)
+        return {"audio": audio, "visual": visual}
 
     def _modality(self, modality: str) -> tuple[nn.Module, nn.Parameter, str]:
         """Encoder, learned missing-modality placeholder and batch key of `modality`."""

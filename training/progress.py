@@ -9,6 +9,7 @@ A script's loop reads:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -141,6 +142,22 @@ def fold_list(fold: int | str, n_folds: int) -> list[int]:
     if isinstance(fold, int) and 0 <= fold < n_folds:
         return [fold]
     raise ConfigError(f"FOLD must be 'all' or 0..{n_folds - 1}, got {fold!r}")
+
+
+def cross_validate(run: RunFolder, folds: list[int], train_fold: Callable[[RunFolder, int], dict],
+                   protocol: str, explicit_split: bool = False) -> list[dict]:
+    """Train each fold (skipping folds whose metrics.json exists) and report mean +- std when there are several.
+
+    One folder per fold, so folds can also run as separate processes (--fold=0, --fold=1, ... on several GPUs or
+    sessions) and a later --fold=all only collects their metrics.json. An explicit split uses the run folder.
+    """
+    results = []
+    for fold in folds:
+        fold_run = run if explicit_split else run.sub(f"fold{fold}")
+        results.append(fold_run.read_metrics() or train_fold(fold_run, fold))
+    if len(folds) > 1:
+        report_folds(run, results, protocol)
+    return results
 
 
 def report_folds(run: RunFolder, fold_metrics: list[dict], protocol: str) -> dict:
