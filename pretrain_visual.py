@@ -26,11 +26,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
-from models.encoders import FACE_CHECKPOINT_KIND, FrameEncoder
+from models.encoders import FACE_CHECKPOINT_KIND
+from models.face_classifier import FaceClassifier
 from training.config import ConfigError, config_keys, run_script
-from training.progress import EpochStats, Progress, end_epoch, resume
+from training.progress import EpochStats, Progress, crash_exit, end_epoch, resume
 from training.runs import RunFolder
 from training.runtime import setup_runtime
 from training.stages import make_optimizer
@@ -70,21 +70,6 @@ RUN_NAME = "fer_small"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MODEL_NAME = FACE_CHECKPOINT_KIND
-
-
-class FaceClassifier(nn.Module):
-    """FrameEncoder + linear classifier over one frame per sample; `encoder.backbone` is what gets transferred."""
-
-    def __init__(self, backbone: str, width: int, num_classes: int, dropout: float, pretrained: bool,
-                 image_size: int, class_names: list[str]):
-        super().__init__()
-        self.config = {"backbone": backbone, "width": width, "num_classes": num_classes, "dropout": dropout,
-                       "pretrained": pretrained, "image_size": image_size, "class_names": list(class_names)}
-        self.encoder = FrameEncoder(width, backbone=backbone, pretrained=pretrained)
-        self.head = nn.Sequential(nn.GELU(), nn.Dropout(dropout), nn.Linear(width, num_classes))
-
-    def forward(self, batch: dict) -> torch.Tensor:
-        return self.head(self.encoder(batch["frames"])[:, 0])
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -222,8 +207,7 @@ def main() -> None:
             try:
                 result = train_step(model, batch, optimizer, scaler, runtime, loss_fn=loss_fn, clip_norm=CLIP_NORM)
             except NonFiniteLossError as err:
-                path = run.save_crash_dump(batch, {"model": model.state_dict()}, str(err))
-                raise SystemExit(f"{err}; crash dump in {path}") from None
+                crash_exit(run, batch, model, MODEL_NAME, err, f"epoch {progress.epoch + 1}", scaler, progress)
             progress.step += 1
             stats.update(result)
         val = evaluate(model, val_batches, runtime, num_classes=len(classes))

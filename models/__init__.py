@@ -14,6 +14,7 @@ MODEL_CLASSES = {
     "simple": "models.simple_cnn:SimpleCNN",
     "lite": "models.lite:MultimodalFERLite",
     "full": "models.full:MultimodalFER",
+    "face_encoder": "models.face_classifier:FaceClassifier",  # pretrain_visual.py's FER2013 classifier
 }
 
 

@@ -20,7 +20,7 @@ from models.encoders import AttentionPool, AudioEncoder, FeatureEncoder, FrameEn
 from models.fusion import FUSION_STRATEGIES
 from models.init import INIT_STRATEGIES
 from models.lite import CPU_CONFIG, MultimodalFERLite
-from training.checkpoint import make_state, save_checkpoint
+from training.checkpoint import load_checkpoint, make_state, rebuild_model, save_checkpoint
 from training.stages import set_trainable
 
 B, N_FRAMES, FRAME_SIZE, T, D = 4, 4, 32, 48, 35
@@ -328,6 +328,21 @@ def test_pretrain_script_checkpoint_loads_into_the_lite_model(tmp_path: Path, mo
 
     with pytest.raises(ValueError, match="holds a 'tiny' backbone, this encoder uses 'small'"):
         FrameEncoder(16, "small").load_face_pretrained(checkpoint)
+
+
+def test_pretrain_crash_dump_can_be_rebuilt_for_replay(tmp_path: Path, monkeypatch) -> None:
+    write_image_folder(tmp_path / "fer")
+    # An absurd learning rate: the first step blows the weights up, the next loss is NaN.
+    for key, value in {"DATA_ROOT": str(tmp_path / "fer"), "BACKBONE": "tiny", "EPOCHS": 1, "BATCH_SIZE": 4,
+                       "WIDTH": 16, "OUTPUT_DIR": str(tmp_path / "out"), "RUN_NAME": "t", "LR": 1e30,
+                       "WARMUP_EPOCHS": 0, "CLIP_NORM": 0.0, "AMP_DTYPE": "float32"}.items():
+        monkeypatch.setattr(pretrain_visual, key, value)
+    with pytest.raises(SystemExit, match="debug_gradients.py --replay="):
+        pretrain_visual.main()
+    dump = load_checkpoint(tmp_path / "out" / "pretrain_visual" / "t" / "crash" / "crash.pt")
+    assert dump["model_name"] == "face_encoder" and dump["progress"]["step"] >= 1 and "scaler" in dump
+    model = rebuild_model(dump)
+    assert model(dump["batch"]).shape == (len(dump["batch"]["label"]), 2)
 
 
 def test_face_checkpoint_of_the_wrong_kind_is_a_one_line_error(tmp_path: Path) -> None:

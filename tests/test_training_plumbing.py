@@ -94,6 +94,41 @@ def test_train_step_stops_on_non_finite_loss():
         train_step(model, batch, optimizer, runtime.make_scaler(), runtime)
 
 
+def test_without_scaler_a_non_finite_gradient_stops_before_the_step():
+    runtime = setup_runtime("cpu", "float32")
+    model = TinyModel()
+    optimizer = make_optimizer(model, lr=0.01, weight_decay=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    model.train()
+    next(model.parameters()).register_hook(lambda grad: grad * float("inf"))
+    with pytest.raises(NonFiniteLossError, match="non-finite gradient norm"):
+        train_step(model, tiny_batch(), optimizer, runtime.make_scaler(), runtime)
+    assert all(torch.equal(b, p) for b, p in zip(before, model.parameters()))
+    assert not optimizer.state  # AdamW never stepped: no moments were written from the bad gradient
+
+
+def test_crash_dump_holds_the_pre_step_state_scaler_and_progress(tmp_path):
+    from training.progress import Progress, crash_exit
+    from training.runs import RunFolder
+
+    runtime = Runtime(torch.device("cpu"), torch.float16)
+    model = TinyModel()
+    scaler = torch.amp.GradScaler("cpu", enabled=True, init_scale=2.0 ** 10)
+    batch = tiny_batch()
+    batch["x"][0, 0] = float("nan")
+    progress = Progress(epoch=2, step=37)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(NonFiniteLossError) as caught:
+        train_step(model.train(), batch, make_optimizer(model, 0.01, 0.0), scaler, runtime)
+    with pytest.raises(SystemExit, match="debug_gradients.py --replay="):
+        crash_exit(RunFolder("t", "r", root=tmp_path), batch, model, "tiny", caught.value, "epoch 3", scaler, progress)
+    dump = torch.load(tmp_path / "t" / "r" / "crash" / "crash.pt", weights_only=True)
+    assert dump["model_name"] == "tiny" and dump["scaler"]["scale"] == 2.0 ** 10
+    assert dump["progress"]["step"] == 37 and "non-finite loss" in dump["reason"]
+    assert all(torch.equal(dump["model"][name], weights) for name, weights in before.items())
+    assert torch.isnan(dump["batch"]["x"][0, 0])
+
+
 def test_float16_scaler_skips_overflowing_step_and_keeps_weights():
     runtime = Runtime(torch.device("cpu"), torch.float16)
     model = TinyModel()

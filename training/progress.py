@@ -106,9 +106,12 @@ def end_epoch(run: RunFolder, progress: Progress, model: nn.Module, model_name: 
     return improved
 
 
-def crash_exit(run: RunFolder, batch: dict, model: nn.Module, model_name: str, err: Exception, where: str) -> None:
-    """Save the failing batch with the model state, then stop with a one-line pointer to the replay tool."""
-    dump = run.save_crash_dump(batch, make_state(model, model_name), str(err))
+def crash_exit(run: RunFolder, batch: dict, model: nn.Module, model_name: str, err: Exception, where: str,
+               scaler: torch.amp.GradScaler | None = None, progress: Progress | None = None) -> None:
+    """Save the failing batch with the model state before the step (train_step raises before applying anything),
+    the scaler (its loss scale) and the progress (the step), then stop with a one-line pointer to the replay tool."""
+    state = make_state(model, model_name, scaler=scaler, **({"progress": asdict(progress)} if progress else {}))
+    dump = run.save_crash_dump(batch, state, str(err))
     raise SystemExit(f"error: {err} ({where}); crash dump {dump}; "
                      f"replay it with: python debug_gradients.py --replay={dump}")
 

@@ -67,12 +67,6 @@ class RunFolder:
         with open(self.dir / "log.jsonl", "a") as f:
             f.write(json.dumps(to_jsonable(record)) + "\n")
 
-    def read_log(self) -> list[dict]:
-        path = self.dir / "log.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
     def write_metrics(self, metrics: dict, name: str = "metrics.json") -> Path:
         path = self.dir / name
         _atomic_write_text(path, json.dumps(to_jsonable(metrics), indent=2))
@@ -87,7 +81,8 @@ class RunFolder:
         return self.last.is_file()
 
     def save_crash_dump(self, batch: dict, state: dict, reason: str) -> Path:
-        """Save the failing batch and the state before the step, for `debug_gradients.py --replay=...`."""
+        """Save the failing batch with `state` (the state before the step: model_name, model_config, weights, and
+        scaler and progress when given), for `debug_gradients.py --replay=...`."""
         path = self.dir / "crash" / "crash.pt"
         cpu_batch = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in batch.items()}
         atomic_torch_save({**state, "batch": cpu_batch, "reason": reason}, path)

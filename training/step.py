@@ -20,12 +20,13 @@ from training.runtime import Runtime
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss of a batch was NaN or inf; the caller saves a crash dump and stops."""
+    """The loss of a batch, or without a GradScaler its gradient norm, was NaN or inf; nothing was applied to the
+    weights, so the caller's crash dump holds the state before the step. The caller saves it and stops."""
 
-    def __init__(self, loss: float, step: int | None = None):
+    def __init__(self, value: float, step: int | None = None, what: str = "loss"):
         where = f" at step {step}" if step is not None else ""
-        super().__init__(f"non-finite loss ({loss}){where}")
-        self.loss = loss
+        super().__init__(f"non-finite {what} ({value}){where}")
+        self.loss = value
 
 
 @dataclass
@@ -75,12 +76,12 @@ def train_step(
     params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     max_norm = clip_norm if clip_norm else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.tensor(0.0)
+    if not scaler.is_enabled() and not torch.isfinite(grad_norm):
+        # Without a scaler nothing would skip an overflowed gradient: stop before the optimizer applies it.
+        raise NonFiniteLossError(float(grad_norm), what="gradient norm")
     scaler.step(optimizer)
     scaler.update()
     skipped = scaler.is_enabled() and scaler.get_scale() < scale
-    if not scaler.is_enabled() and not torch.isfinite(grad_norm):
-        # Without a scaler nothing catches an overflowed gradient: the optimizer already applied it.
-        raise NonFiniteLossError(float(grad_norm))
     return StepResult(loss=loss.item(), grad_norm=float(grad_norm), skipped=bool(skipped), scale=float(scale))
 
 
@@ -117,6 +118,6 @@ def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, mi
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Set the LR of every param group, honouring a per-group `lr_scale` (e.g. a smaller LR for backbones)."""
+    """Set the LR of every param group."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
