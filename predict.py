@@ -36,7 +36,7 @@ from data.setup import DATASETS, DataSettings, cache_plan
 from data.windows import MEDIA_EXTENSIONS, Windows, is_video, read_windows, to_batch
 from models import ModelConfigError
 from training.checkpoint import load_checkpoint, rebuild_model
-from training.config import ConfigError, apply_overrides, config_keys
+from training.config import ConfigError, run_script
 from training.runtime import resolve_device
 
 # ---- model
@@ -350,25 +350,5 @@ def main(paths: list[str]) -> int:
     return 0 if n_ok else 1
 
 
-def split_arguments(argv: list[str], namespace: dict) -> tuple[list[str], list[str]]:
-    """Positional paths and --key=value options; a bare --flag of a True/False constant means --flag=True."""
-    flags = {k.lower() for k in config_keys(namespace) if isinstance(namespace[k], bool)}
-    paths, options = [], []
-    for arg in argv:
-        if not arg.startswith("--"):
-            paths.append(arg)
-        elif "=" not in arg and arg[2:].replace("-", "_").lower() in flags:
-            options.append(arg + "=True")
-        else:
-            options.append(arg)
-    return paths, options
-
-
 if __name__ == "__main__":
-    try:
-        positional, overrides = split_arguments(sys.argv[1:], globals())
-        apply_overrides(globals(), overrides)
-        sys.exit(main(positional))
-    except (ConfigError, DataError, ModelConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, globals(), sys.argv[1:], user_errors=(DataError, ModelConfigError), takes_paths=True)

@@ -59,7 +59,7 @@ WARMUP_EPOCHS = 1
 LABEL_SMOOTHING = 0.1
 CLIP_NORM = 1.0
 # --- precision and runtime
-DEVICE = "auto"  # auto | cpu | cuda
+DEVICE = "auto"  # "auto", "cpu", "cuda" or "cuda:1"
 AMP_DTYPE = "auto"  # auto (fp16/bf16 on GPU, fp32 on CPU) | float32 | float16 | bfloat16 (2x faster on AVX512-BF16 CPU)
 NUM_THREADS = 0  # CPU threads for PyTorch; 0 = PyTorch's default
 SEED = 0

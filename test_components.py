@@ -299,16 +299,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from training.config import ConfigError, apply_overrides
+    from training.config import run_script
 
-    try:
-        apply_overrides(globals(), sys.argv[1:])
-        if AUTOCAST_DTYPE not in ("float16", "bfloat16"):
-            raise ConfigError(f"AUTOCAST_DTYPE='{AUTOCAST_DTYPE}': choose float16 or bfloat16")
-        if set(MODELS) - set(BUILDERS):
-            raise ConfigError(f"MODELS={MODELS}: choose from {', '.join(BUILDERS)}")
-        status = main()
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(status)
+    run_script(main, globals(), sys.argv[1:])

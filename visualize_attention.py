@@ -37,7 +37,7 @@ from training.runtime import resolve_device
 
 # --- model ---
 CHECKPOINT = ""  # a ckpt_*.pt written by a training script (required)
-DEVICE = "auto"  # auto | cpu | cuda
+DEVICE = "auto"  # "auto", "cpu", "cuda" or "cuda:1"
 # --- clip: from a cache, or from files ---
 CACHE_DIR = "checkpoints/cache/RAVDESS"  # a cache of data/prepare_ravdess.py; its settings also preprocess files
 CLIP_ID = ""  # take key in the cache, e.g. 01-05-02-01-02-12; "" = the cache's first clip

@@ -37,7 +37,7 @@ from data.ravdess import DataError  # noqa: E402
 from data.synthetic import make_synthetic_ravdess  # noqa: E402
 from data.windows import read_windows, to_batch  # noqa: E402
 from models import ModelConfigError, build_model  # noqa: E402
-from training.config import ConfigError, apply_overrides  # noqa: E402
+from training.config import ConfigError, run_script  # noqa: E402
 
 # --- machine
 THREADS = 2  # torch and OpenCV threads (ffmpeg, a separate process, picks its own)
@@ -115,9 +115,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        apply_overrides(globals(), sys.argv[1:])
-        main()
-    except (ConfigError, DataError, ModelConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+    run_script(main, globals(), sys.argv[1:], user_errors=(DataError, ModelConfigError))

@@ -8,6 +8,10 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from training.config import run_script  # noqa: E402
+
+OUTPUT_DIR = "checkpoints"  # where benchmarks/real_data_cv.sh wrote its run folders
 ROWS = [  # run name, script folder, model description, modalities
     ("bench_simple_audio", "train_simple_working", "SimpleCNN (15K)", "audio"),
     ("bench_simple_audio_au", "train_simple_working", "SimpleCNN (17K)", "audio + AUs, late concat"),
@@ -22,7 +26,8 @@ ROWS = [  # run name, script folder, model description, modalities
 ]
 
 
-def main(root: Path = Path("checkpoints")) -> None:
+def main() -> None:
+    root = Path(OUTPUT_DIR)
     missing = []
     for run, script, model, modalities in ROWS:
         path = root / script / run / "cv_metrics.json"
@@ -39,4 +44,4 @@ def main(root: Path = Path("checkpoints")) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main, globals(), sys.argv[1:])

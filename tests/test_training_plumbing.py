@@ -1,7 +1,11 @@
 """Tests of the training plumbing: overrides, precision choice, the train step, metrics, checkpoints, stages."""
 from __future__ import annotations
 
+import importlib.util
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -229,3 +233,115 @@ def test_xavier_keeps_depthwise_convolutions_at_fan_in_scale():
     bound = 1 / math.sqrt(3)  # PyTorch's default for a depthwise kernel of size 3
     assert model[0].weight.abs().max() > 0.5 * bound
     assert model[1].weight.abs().max() <= 0.5 * math.sqrt(6 / (768 + 768)) + 1e-6
+
+
+# ------------------------------------------------------------------------- choice constants and --help
+SCRIPTS = ["train_simple_working.py", "train_lite_model.py", "train_full_model.py", "pretrain_visual.py",
+           "predict.py", "debug_gradients.py", "visualize_attention.py", "ablate.py", "test_components.py",
+           "benchmarks/bench_predict.py", "benchmarks/bench_prepare.py", "benchmarks/legacy_instability.py",
+           "benchmarks/memory_estimate.py", "benchmarks/results_table.py", "data/prepare_ravdess.py",
+           "data/download.py"]
+REPO = Path(__file__).resolve().parents[1]
+
+EXAMPLE_SCRIPT = '''"""An example script."""
+# ---- model
+FUSION = "gated"  # concat | product | gated | cross_attention | transformer
+AMP_DTYPE = "auto"  # auto (fp16 on a T4, bf16 on an A100) | float32 | float16 | bfloat16 (slow on a CPU)
+SIZE = "small"  # small: CPU-sized widths | real: the constructors' defaults
+INIT = None  # None: the recipe's; else default | xavier | kaiming
+MODELS = ("lite", "full")  # lite | full
+# ---- optimisation
+# Counts are whole numbers.
+EPOCHS = 3  # passes over the training set
+METRIC = "accuracy"  # validation metric that picks the best checkpoint: accuracy | uar | macro_f1
+DEVICE = "auto"  # "auto", "cpu", "cuda" or "cuda:1"
+WEBCAM = False  # True: use the camera
+'''
+
+
+def example_namespace(tmp_path) -> dict:
+    path = tmp_path / "example.py"
+    path.write_text(EXAMPLE_SCRIPT)
+    namespace = {"__file__": str(path), "__doc__": "An example script."}
+    exec(compile(EXAMPLE_SCRIPT, str(path), "exec"), namespace)
+    return namespace
+
+
+def test_choices_are_read_from_the_comments(tmp_path):
+    docs = cfg.constant_docs(EXAMPLE_SCRIPT)
+    assert docs["FUSION"].choices == ["concat", "product", "gated", "cross_attention", "transformer"]
+    assert docs["AMP_DTYPE"].choices == ["auto", "float32", "float16", "bfloat16"]
+    assert docs["SIZE"].choices == ["small", "real"]
+    assert docs["INIT"].choices == ["None", "default", "xavier", "kaiming"]
+    assert docs["METRIC"].choices == ["accuracy", "uar", "macro_f1"]
+    assert docs["DEVICE"].choices is None and docs["EPOCHS"].choices is None
+    assert docs["EPOCHS"].heading == "optimisation" and docs["EPOCHS"].notes == ["Counts are whole numbers."]
+
+
+@pytest.mark.parametrize("arg, message", [
+    ("--fusion=crossattention", r"--fusion=crossattention is not one of concat \| product \| gated \| "
+                                r"cross_attention \| transformer \(did you mean cross_attention\?\)"),
+    ("--init=he", r"--init=he is not one of None \| default \| xavier \| kaiming$"),
+    ("--metric=f1", r"not one of accuracy \| uar \| macro_f1"),
+    ("--models=lite,fulll", r"--models=fulll is not one of lite \| full \(did you mean full\?\)"),
+    ("--epochs=2.5", r"--epochs expects a whole number, got 2.5"),
+])
+def test_bad_choices_and_fractional_counts_are_one_line_errors(tmp_path, arg, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(example_namespace(tmp_path), [arg])
+
+
+def test_good_choices_counts_and_bare_flags_are_accepted(tmp_path):
+    ns = example_namespace(tmp_path)
+    apply_overrides(ns, ["--fusion=transformer", "--init=xavier", "--epochs=4.0", "--device=cuda:1", "--webcam",
+                         "--amp_dtype=bfloat16", "--size=real"])
+    assert (ns["FUSION"], ns["INIT"], ns["EPOCHS"], ns["DEVICE"], ns["WEBCAM"]) == (
+        "transformer", "xavier", 4, "cuda:1", True)
+    assert isinstance(ns["EPOCHS"], int)
+
+
+def test_help_lists_docstring_headings_constants_comments_and_values(tmp_path):
+    ns = example_namespace(tmp_path)
+    apply_overrides(ns, ["--epochs=7"])
+    text = cfg.help_text(ns)
+    assert text.startswith("An example script.")
+    assert "  optimisation\n    # Counts are whole numbers.\n    --epochs=7" in text
+    assert "passes over the training set" in text
+    assert "--fusion='gated'" in text and "concat | product | gated" in text
+
+
+def load_script(relative: str):
+    spec = importlib.util.spec_from_file_location(f"script_{Path(relative).stem}", REPO / relative)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)  # importing a script does nothing but define it
+    return module
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_has_help_and_consistent_choice_comments(script):
+    namespace = vars(load_script(script))
+    docs = cfg.script_docs(namespace)
+    text = cfg.help_text(namespace)
+    for key in cfg.config_keys(namespace):
+        assert f"--{key.lower()}=" in text
+    for key, doc in docs.items():
+        if doc.choices is not None:  # the default must be one of the values its comment lists
+            default = namespace[key]
+            values = default if isinstance(default, (list, tuple)) else [default]
+            assert all(v is None and "None" in doc.choices or v in doc.choices for v in values), (key, doc.choices)
+    cfg.check_choices(namespace, docs, {k: namespace[k] for k in docs})
+
+
+def test_command_line_help_and_choice_error_come_before_any_work(tmp_path):
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "train_simple_working.py", *args, f"--output_dir={tmp_path}"],
+                              cwd=REPO, capture_output=True, text=True, timeout=120)
+
+    shown = run("--help")
+    assert shown.returncode == 0 and "Train SimpleCNN" in shown.stdout
+    assert "--select_metric='accuracy'" in shown.stdout and "accuracy | uar | macro_f1" in shown.stdout
+    wrong = run("--select_metric=f1")
+    assert wrong.returncode == 2
+    assert wrong.stderr.strip() == "error: --select_metric=f1 is not one of accuracy | uar | macro_f1"
+    assert not any(tmp_path.iterdir())  # refused before any data work

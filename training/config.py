@@ -1,14 +1,22 @@
 """Command-line overrides of a script's UPPER_SNAKE constants: `--batch_size=32` or `--batch-size=32`.
 
 Values are parsed as Python literals (`--modalities="('audio',)"`, `--amp=False`); anything that is not a
-literal stays a string (`--data_root=/content/drive/RAVDESS`).
+literal stays a string (`--data_root=/content/drive/RAVDESS`); a bare `--flag` sets a True/False constant to True.
+The script's own source documents its constants: the comment after a constant is its help text, and a comment
+that lists values as `a | b | c` makes it a choice constant, checked before the script does any work
+(`--fusion=crossattention` -> one line naming the allowed values and the closest one). `--help` prints the
+docstring and every constant with its comment and value.
 """
 from __future__ import annotations
 
 import ast
 import difflib
+import io
 import json
+import re
 import sys
+import tokenize
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +42,11 @@ def _check_type(key: str, old: object, new: object) -> object:
     # An int where a float is expected is fine (LR=1e-3 vs --lr=0); a string where a number is expected is a typo.
     if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
         return float(new)
+    # A count (epochs, batch size) is a whole number: 2.5 epochs would run as 3 and be logged as "epoch 3/2.5".
+    if isinstance(old, int) and not isinstance(old, bool) and isinstance(new, float):
+        if not new.is_integer():
+            raise ConfigError(f"--{key.lower()} expects a whole number, got {new:g}")
+        return int(new)
     # "all" is the one word a number may become (--fold=all: every fold of the cross-validation).
     if isinstance(old, (int, float)) and not isinstance(old, bool) and isinstance(new, str) and new != "all":
         raise ConfigError(f"--{key.lower()} expects a number, got '{new}'")
@@ -46,10 +59,159 @@ def _check_type(key: str, old: object, new: object) -> object:
     return new
 
 
-def apply_overrides(namespace: dict, argv: list[str]) -> dict:
-    """Apply `--key=value` arguments to the UPPER_SNAKE constants in `namespace`; return the resolved config."""
+# One allowed value of a choice constant: a word, optionally quoted ("cuda:1" and "1e-3" included).
+_CHOICE = r'"?([\w.-]+(?::\w+)?)"?'
+
+
+def _strip_parentheses(text: str) -> str:
+    while True:
+        stripped = re.sub(r"\([^()]*\)", "", text)
+        if stripped == text:
+            return text
+        text = stripped
+
+
+def _first_choice(text: str) -> list[str]:
+    """The values named by the part of a comment before its first `|`: `small: what it means` -> small,
+    `metric that picks the best checkpoint: accuracy` -> accuracy, `None: the recipe's; else default` -> both."""
+    values = []
+    for segment in _strip_parentheses(text).split(";"):
+        segment = re.sub(r"^\s*else\s+", "", segment).strip()
+        before, colon, after = segment.partition(": ")
+        words = (after.split() if colon and len(after.split()) == 1 else before.split()[-1:] if colon
+                 else segment.split()[-1:])
+        values += [m.group(1) for w in words if (m := re.fullmatch(_CHOICE, w))]
+    return values
+
+
+def parse_choices(comment: str) -> list[str] | None:
+    """The allowed values a constant's comment lists as `a | b | c` (each may be followed by `: description` or a
+    parenthesis); None when the comment lists none."""
+    parts = comment.split("|")
+    if len(parts) < 2:
+        return None
+    values = _first_choice(parts[0])
+    for part in parts[1:]:
+        match = re.match(r"\s*" + _CHOICE, part)
+        if match is None:
+            return None
+        values.append(match.group(1))
+    return values if len(values) >= 2 else None
+
+
+@dataclass
+class ConstantDoc:
+    """What a script's source says about one of its constants."""
+
+    comment: str  # the comment on the constant's line(s)
+    heading: str  # the heading of its group, a comment such as "# ---- data" -> "data"
+    notes: list[str]  # comment lines between the previous constant and this one, other than the heading
+    choices: list[str] | None  # allowed values, from a comment that lists them as `a | b | c`
+
+
+def constant_docs(source: str) -> dict[str, ConstantDoc]:
+    """The module-level UPPER_SNAKE assignments of a script's source with their comments and group headings."""
+    comments: dict[int, str] = {}
+    standalone: dict[int, str] = {}
+    lines = source.splitlines()
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            row, col = token.start
+            text = token.string.lstrip("#").strip()
+            (standalone if not lines[row - 1][:col].strip() else comments)[row] = text
+    docs: dict[str, ConstantDoc] = {}
+    heading, last_line = "", 0
+    for node in ast.parse(source).body:
+        if not (isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                and node.targets[0].id.isupper()):
+            continue
+        between = [standalone[row] for row in range(last_line + 1, node.lineno) if row in standalone]
+        headings = [text for text in between if text.startswith("--")]
+        if headings:  # "---- data" / "--- model ---" -> "data" / "model"
+            heading = headings[-1].strip("- ")
+        last_line = node.end_lineno or node.lineno
+        comment = " ".join(comments[row] for row in range(node.lineno, last_line + 1) if row in comments)
+        notes = [text for text in between if not text.startswith("--")]
+        docs[node.targets[0].id] = ConstantDoc(comment, heading, notes, parse_choices(comment))
+    return docs
+
+
+def script_docs(namespace: dict) -> dict[str, ConstantDoc]:
+    """`constant_docs` of the script that owns `namespace` (none for a namespace without a source file)."""
+    path = namespace.get("__file__")
+    if not path or not Path(path).is_file():
+        return {}
+    return constant_docs(Path(path).read_text())
+
+
+def _allowed(value: object, choices: list[str]) -> bool:
+    return value is None and "None" in choices or isinstance(value, str) and value in choices
+
+
+def check_choices(namespace: dict, docs: dict[str, ConstantDoc], defaults: dict) -> None:
+    """Raise a one-line ConfigError for a choice constant whose value is not one of the values its comment lists
+    (a string, or each string of a tuple/list). A constant whose default the list does not cover is not
+    treated as a choice: its comment describes something else."""
+    for key, doc in docs.items():
+        if doc.choices is None or key not in namespace:
+            continue
+        default, value = defaults.get(key), namespace[key]
+        several = isinstance(default, (list, tuple))
+        if not all(_allowed(v, doc.choices) for v in (default if several else [default])):
+            continue
+        for item in (value if several and isinstance(value, (list, tuple)) else [value]):
+            if not _allowed(item, doc.choices):
+                close = difflib.get_close_matches(str(item), doc.choices, n=1, cutoff=0.5)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ConfigError(f"--{key.lower()}={item} is not one of {' | '.join(doc.choices)}{hint}")
+
+
+def _docstring_as_written(namespace: dict) -> str:
+    """The module docstring as it stands in the source (its line-continuation backslashes kept, so the commands
+    in it can be copied), else `__doc__`."""
+    path = namespace.get("__file__")
+    if path and Path(path).is_file():
+        source = Path(path).read_text()
+        body = ast.parse(source).body
+        if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            literal = ast.get_source_segment(source, body[0].value) or ""
+            return literal.lstrip("rRbBuU")[3:-3].strip()
+    return (namespace.get("__doc__") or "").strip()
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def help_text(namespace: dict) -> str:
+    """The script's docstring, then its options grouped under the source's headings: --key=value  comment."""
+    docs = script_docs(namespace)
     keys = config_keys(namespace)
+    groups = [(docs[k].heading, k) for k in docs if k in keys] + [("imported from other modules", k) for k in keys if k not in docs]
+    lines = [_docstring_as_written(namespace), "",
+             "Options (--key=value; values are Python literals, shown as currently set):"]
+    shown = {k: f"--{k.lower()}={_shorten(repr(namespace[k]))}" for k in keys}
+    width = min(44, max(map(len, shown.values()), default=0))
+    heading = None
+    for group, key in groups:
+        if group != heading:
+            heading = group
+            lines.append(f"  {heading}" if heading else "")
+        doc = docs.get(key)
+        lines += [f"    # {note}" for note in (doc.notes if doc else [])]
+        lines.append(f"    {shown[key]:<{width}}  {doc.comment if doc else ''}".rstrip())
+    return "\n".join(lines)
+
+
+def apply_overrides(namespace: dict, argv: list[str]) -> dict:
+    """Apply `--key=value` arguments to the UPPER_SNAKE constants in `namespace`, check its choice constants;
+    return the resolved config. A bare `--flag` of a True/False constant means `--flag=True`."""
+    keys = config_keys(namespace)
+    defaults = {k: namespace[k] for k in keys}
     for arg in argv:
+        flag = arg[2:].replace("-", "_").upper()
+        if arg.startswith("--") and "=" not in arg and isinstance(namespace.get(flag), bool) and flag in keys:
+            arg += "=True"
         if not arg.startswith("--") or "=" not in arg:
             raise ConfigError(f"arguments look like --key=value, got '{arg}'")
         name, text = arg[2:].split("=", 1)
@@ -59,6 +221,7 @@ def apply_overrides(namespace: dict, argv: list[str]) -> dict:
             hint = f" (did you mean --{close[0].lower()}?)" if close else ""
             raise ConfigError(f"unknown option --{name}{hint}")
         namespace[key] = _check_type(key, namespace[key], _parse_value(text))
+    check_choices(namespace, script_docs(namespace), defaults)
     return {k: namespace[k] for k in config_keys(namespace)}
 
 
@@ -83,13 +246,19 @@ def parse_actors(spec: str | int | list | tuple) -> list[int]:
     return sorted(actors)
 
 
-def run_script(main: Callable[[], object], namespace: dict, argv: list[str],
-               user_errors: tuple[type[Exception], ...] = ()) -> None:
+def run_script(main: Callable[..., object], namespace: dict, argv: list[str],
+               user_errors: tuple[type[Exception], ...] = (), takes_paths: bool = False) -> None:
     """Apply `--key=value` overrides to a script's constants, then run `main`; a user mistake (a `ConfigError` or
-    one of `user_errors`) ends with one `error: ...` line and exit status 2 instead of a traceback."""
+    one of `user_errors`) ends with one `error: ...` line and exit status 2 instead of a traceback. `--help` or `-h`
+    prints the docstring and the constants instead. With `takes_paths`, the arguments that are not options are
+    passed to `main(paths)`. An int that `main` returns is the exit status."""
+    if "--help" in argv or "-h" in argv:
+        print(help_text(namespace))
+        sys.exit(0)
     try:
-        apply_overrides(namespace, argv)
-        main()
+        paths = [arg for arg in argv if not arg.startswith("-")] if takes_paths else []
+        apply_overrides(namespace, [arg for arg in argv if arg not in paths])
+        status = main(paths) if takes_paths else main()
     except (ConfigError, *user_errors) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -97,3 +266,5 @@ def run_script(main: Callable[[], object], namespace: dict, argv: list[str],
         print("interrupted (a training script resumes from its last checkpoint when run again with the same RUN_NAME)",
               file=sys.stderr)
         sys.exit(130)
+    if isinstance(status, int) and not isinstance(status, bool):
+        sys.exit(status)
