@@ -186,8 +186,15 @@ def test_checkpoint_is_atomic_weights_only_and_rejects_other_models(tmp_path):
     with pytest.raises(ConfigError, match="differs in: width"):
         load_model_weights(TinyModel(width=5), state, "tiny", path)
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ConfigError, match="cannot read checkpoint"):
+    with pytest.raises(ConfigError, match=r"junk.pt is not a readable checkpoint \(not a file written by torch"):
         load_checkpoint(tmp_path / "junk.pt")
+    (tmp_path / "cut.pt").write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ConfigError, match="cut.pt is not a readable checkpoint"):
+        load_checkpoint(tmp_path / "cut.pt")
+    torch.save({"model_name": "tiny", "model": TinyModel()}, tmp_path / "pickled.pt")  # a whole module: code
+    with pytest.raises(ConfigError, match="holds Python objects besides tensors") as refused:
+        load_checkpoint(tmp_path / "pickled.pt")
+    assert "weights_only" not in str(refused.value)
     with pytest.raises(ConfigError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
 

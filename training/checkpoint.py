@@ -6,6 +6,8 @@ A checkpoint holds plain types and tensors only, so `torch.load(path, weights_on
 from __future__ import annotations
 
 import os
+import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -56,10 +58,17 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; anything else is another kind of file
+        raise ConfigError(f"{path} is not a readable checkpoint (not a file written by torch.save, or truncated)")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not one of our checkpoints"
-        raise ConfigError(f"cannot read checkpoint {path}: {str(err).splitlines()[0]}") from None
+    except pickle.UnpicklingError:
+        # PyTorch's own message advises weights_only=False, which would run code from the file: not the remedy.
+        raise ConfigError(f"{path} is not a checkpoint of this toolkit: it holds Python objects besides tensors and "
+                          "plain values, which are not loaded (unpickling them could run code)") from None
+    except Exception as err:  # noqa: BLE001 - a damaged archive
+        raise ConfigError(f"{path} is not a readable checkpoint ({str(err).splitlines()[0] or type(err).__name__})"
+                          ) from None
     if not isinstance(state, dict) or "model_name" not in state or "model" not in state:
         raise ConfigError(f"{path} is not a checkpoint of this toolkit (no model_name/model entries)")
     return state
