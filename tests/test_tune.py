@@ -1,0 +1,143 @@
+"""tune.py on the synthetic RAVDESS fixture: two processes share one journal study, pruning stops a run, and no run
+of the search loads a clip of its fold's test actors (recorded inside the training processes)."""
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The recording copy of train_simple_working.py: every clip a DataLoader reads is written down with the run's name.
+RECORDER = '''
+import sys as _sys
+_sys.path.insert(0, {repo!r})
+from data import dataset as _dataset
+_RUN = next((a.split("=", 1)[1] for a in _sys.argv if a.startswith("--run_name=")), "?")
+_original_getitem = _dataset.RavdessDataset.__getitem__
+
+
+def _recording_getitem(self, index):
+    item = _original_getitem(self, index)
+    with open({record!r}, "a") as f:
+        f.write(f"{{_RUN}}\\t{{int(item['actor'])}}\\n")
+    return item
+
+
+_dataset.RavdessDataset.__getitem__ = _recording_getitem
+'''
+
+
+def recording_script(folder: Path, record: Path) -> Path:
+    """train_simple_working.py with the recorder after its `from __future__` line (same constants, same folders)."""
+    source = (REPO / "train_simple_working.py").read_text()
+    future = "from __future__ import annotations\n"
+    path = folder / "train_simple_working.py"
+    path.write_text(source.replace(future, future + RECORDER.format(repo=str(REPO), record=str(record)), 1))
+    return path
+
+
+def train_args(root: Path, cache: Path, epochs: int) -> list[str]:
+    return [f"--dataset=ravdess", f"--data_root={root}", f"--cache_dir={cache}", "--modalities=audio",
+            f"--epochs={epochs}", f"--patience={epochs}", "--batch_size=16", "--num_workers=0", "--device=cpu"]
+
+
+def tune_args(script: Path, root: Path, cache: Path, out: Path, **extra) -> list[str]:
+    """4 actors in 4 folds of one: fold 0 tests actor 1 and validates on 2, fold 1 tests 2 and validates on 3."""
+    settings = {"train_script": str(script), "train_args": repr(train_args(root, cache, 1)),
+                "search_space": repr({"lr": ("log", 1e-3, 1e-2), "dropout": ("choice", (0.0, 0.3))}),
+                "actors": "1-4", "n_folds": 4, "n_val_actors": 1, "search_folds": "(0, 1)", "n_trials": 3,
+                "startup_trials": 2, "pruner": "none", "poll_seconds": 0.2, "output_dir": str(out),
+                "study_name": "tiny", **extra}
+    return [f"--{key}={value}" for key, value in settings.items()]
+
+
+def test_two_processes_share_one_study_and_never_load_test_actors(synthetic_root, synthetic_cache, tmp_path):
+    record = tmp_path / "loaded.tsv"
+    script = recording_script(tmp_path, record)
+    out = tmp_path / "out"
+    command = [sys.executable, str(REPO / "tune.py"), *tune_args(script, synthetic_root, synthetic_cache, out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    workers = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for _ in range(2)]
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+
+    study = out / "tune" / "tiny"
+    rows = list(csv.DictReader(open(study / "trials.csv")))
+    finished = [r for r in rows if r["state"] == "COMPLETE"]
+    assert sorted(int(r["number"]) for r in finished) == [0, 1, 2], rows  # every trial once, none twice
+    assert all(r["state"] == "COMPLETE" or r["note"].startswith("over budget") for r in rows)
+    for row in finished:  # the objective is the mean over the two folds' validation actors
+        scores = [float(s) for s in row["fold_scores"].split()]
+        assert len(scores) == 2 and float(row["val_accuracy"]) == pytest.approx(sum(scores) / 2)
+    runs = out / "train_simple_working" / "tune_tiny"
+    names = sorted(p.name for p in runs.iterdir())
+    assert [n for n in names if n.startswith("trial")] == ["trial0000", "trial0001", "trial0002"]
+    assert len([n for n in names if n.startswith("best_trial")]) == 1  # evaluated by one process only
+
+    best = (study / "best_args.txt").read_text().split()
+    assert {a.split("=")[0] for a in best} == {"--lr", "--dropout"}
+    assert (study / "optimization_history.png").stat().st_size > 0
+    assert (study / "param_importances.png").stat().st_size > 0
+    assert "test accuracy" in (study / "best_cv.txt").read_text()
+
+    loaded: dict[str, set[int]] = {}
+    for line in record.read_text().splitlines():
+        run, actor = line.split("\t")
+        loaded.setdefault(run, set()).add(int(actor))
+    search = {run: actors for run, actors in loaded.items() if "/trial" in run}
+    assert len(search) == 6  # 3 trials x 2 folds
+    for run, actors in search.items():
+        test_actor = {"fold0": 1, "fold1": 2}[run.rsplit("/", 1)[1]]
+        held_out = test_actor + 1  # the fold's validation actor: the run's held-out part, read once at the end
+        assert test_actor not in actors and held_out in actors, (run, actors)
+    # The recorder does see test clips: the final evaluation over the 4 test folds loads every actor.
+    (evaluation,) = [actors for run, actors in loaded.items() if "/best_trial" in run]
+    assert evaluation == {1, 2, 3, 4}
+
+
+@pytest.fixture
+def tune_module():
+    module = importlib.import_module("tune")
+    saved = {k: v for k, v in vars(module).items() if k.isupper()}
+    yield module
+    vars(module).update(saved)
+
+
+def test_pruning_stops_the_running_fold(tune_module, synthetic_root, synthetic_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    vars(tune_module).update({
+        "TRAIN_SCRIPT": str(REPO / "train_simple_working.py"), "TRAIN_ARGS": train_args(synthetic_root,
+                                                                                        synthetic_cache, 200),
+        "SEARCH_SPACE": {"lr": ("log", 1e-3, 1e-2)}, "ACTORS": "1-4", "N_FOLDS": 4, "N_VAL_ACTORS": 1,
+        "SEARCH_FOLDS": (0,), "N_TRIALS": 1, "PRUNER": "threshold", "PRUNE_BELOW": 1.01,  # prunes any trial
+        "PRUNE_AFTER_EPOCHS": 1, "POLL_SECONDS": 0.1, "OUTPUT_DIR": str(out), "STUDY_NAME": "pruned",
+        "EVALUATE_BEST": False})
+    tune_module.main()
+    rows = list(csv.DictReader(open(out / "tune" / "pruned" / "trials.csv")))
+    assert [r["state"] for r in rows] == ["PRUNED"]
+    run = out / "train_simple_working" / "tune_pruned" / "trial0000" / "fold0"
+    epochs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert 1 <= len(epochs) < 200 and not (run / "metrics.json").exists()  # stopped long before its 200 epochs
+
+
+def test_search_settings_are_checked_before_any_run(tune_module, tmp_path):
+    vars(tune_module).update({"TRAIN_SCRIPT": "train_lite_model.py", "OUTPUT_DIR": str(tmp_path)})
+    vars(tune_module)["SEARCH_SPACE"] = {"stage1_lrr": ("log", 1e-4, 1e-2)}
+    with pytest.raises(tune_module.ConfigError, match="did you mean 'stage1_lr'"):
+        tune_module.main()
+    vars(tune_module)["SEARCH_SPACE"] = {"actors": ("choice", ("1-8",))}
+    with pytest.raises(tune_module.ConfigError, match="set by tune.py"):
+        tune_module.main()
+    vars(tune_module)["SEARCH_SPACE"] = {"fusion": ("categorical", ("concat",))}
+    with pytest.raises(tune_module.ConfigError, match="first item must be one of"):
+        tune_module.main()
+    assert not (tmp_path / "tune").exists()

@@ -1,0 +1,582 @@
+"""Hyperparameter search with Optuna over the constants of any training script; test actors never reach the search.
+
+A trial runs TRAIN_SCRIPT once per cross-validation fold, as its own process with `--key=value` overrides. The
+folds are those of the final evaluation (N_FOLDS blocks of consecutive ACTORS, `data.ravdess.kfold_split`). For
+fold k the run gets `--actors=` every actor except the fold's test actors, so no loader of the search ever holds
+a test clip; the fold's validation actors are the run's held-out part (its `--test_actors`, scored once on the
+checkpoint the run selected), and the run picks its best epoch on N_VAL_ACTORS of its own training actors (the
+ones after the validation actors). Each epoch's validation METRIC is read from the run's log.jsonl as it is
+written and fed to the pruner (a pruned trial's process is stopped). The objective is METRIC on the folds'
+validation actors, averaged over SEARCH_FOLDS.
+
+The study lives in Optuna's storage: a journal file in the study folder by default, or an RDB URL
+(`--storage=postgresql://...`), so several `python tune.py` processes, on one machine or many, share one study and
+N_TRIALS counts the trials of all of them. Rerunning the same command resumes: a trial whose process died on this
+machine is queued again with the same parameters and its runs resume from their last checkpoint. When the trials
+are done, the study folder holds trials.csv, best_args.txt (the best constants as a `--key=value` line) and PNG
+plots (optimisation history, parameter importances); then (EVALUATE_BEST) the last process to finish runs the best
+configuration once in the usual cross-validation with the test folds, and that is the number to report.
+
+Real audio + facial action units, Lite model (the README's benchmark), two single-threaded processes on 2 cores:
+    for i in 1 2; do OMP_NUM_THREADS=1 python tune.py --study_name=lite_audio_au & done; wait
+A quick look on the synthetic set (SimpleCNN, audio only, 12 actors):
+    python tune.py --train_script=train_simple_working.py --train_args=--modalities=audio,--epochs=3,--num_workers=0 \\
+        --search_space="{'lr': ('log', 1e-3, 3e-2), 'dropout': ('float', 0.0, 0.5)}" --actors=1-12 --n_folds=6 \\
+        --search_folds="(0, 1)" --n_trials=4 --study_name=quick
+Several machines: one database for the study, the same command on each machine:
+    python tune.py --storage=postgresql://user:password@host/optuna --study_name=lite_audio_au
+Colab:
+    !python tune.py --study_name=lite_audio_au --n_trials=20
+"""
+from __future__ import annotations
+
+import ast
+import csv
+import difflib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+from data.ravdess import DataError, Split, kfold_split
+from training.config import ConfigError, parse_actors, run_script
+
+# ---- what to tune
+TRAIN_SCRIPT = "train_lite_model.py"  # a training script of this repository, or a path to one
+SHARED = "../shared/data"  # only used to build TRAIN_ARGS below
+# Fixed arguments of every run (data, budget, workers); a list of --key=value strings (on the command line:
+# --train_args=--epochs=3,--num_workers=0). The default is the README's Lite audio + action units benchmark.
+TRAIN_ARGS = ["--dataset=ravdess", f"--data_root={SHARED}/ravdess_speech_16k",
+              "--cache_dir=checkpoints/cache/ravdess_speech_16k_16x112", "--visual_input=features",
+              f"--feature_file={SHARED}/ravdess_clip_features/au_mfcc.npz", "--num_workers=0",
+              "--preset=cpu", "--stage1_epochs=8", "--stage2_epochs=3", "--patience=5"]
+# The search space: a constant of TRAIN_SCRIPT (lower case, as on its command line) -> its distribution:
+#   ("log", low, high) a float drawn log-uniformly | ("float", low, high) | ("int", low, high[, step])
+#   | ("choice", (value, value, ...)).
+# Lite's cpu preset fixes width and dropout, so the default space tunes what that preset leaves open.
+SEARCH_SPACE = {
+    "stage1_lr": ("log", 3e-4, 1e-2),
+    "stage2_lr": ("log", 2e-5, 1e-3),
+    "weight_decay": ("log", 1e-3, 0.3),
+    "modality_dropout": ("float", 0.0, 0.5),
+    "label_smoothing": ("float", 0.0, 0.2),
+    "batch_size": ("choice", (16, 32, 64)),
+    "fusion": ("choice", ("concat", "product", "gated", "cross_attention", "transformer")),
+}
+
+# ---- folds (the same actor-disjoint folds as the final evaluation)
+ACTORS = "1-20"  # actors in the experiment, e.g. "1-20" (21-24 held out elsewhere)
+N_FOLDS = 5  # blocks of consecutive actors
+N_VAL_ACTORS = 2  # validation actors per fold (taken from the training actors), the search's held-out actors
+SEARCH_FOLDS = "all"  # "all" or a tuple of folds such as (0, 2): the objective averages over these
+METRIC = "accuracy"  # "accuracy" or "uar": objective, per-epoch reports and each run's checkpoint selection
+
+# ---- search
+N_TRIALS = 40  # trials of the study in all, over every process that works on it
+STARTUP_TRIALS = 8  # random trials before TPE models the space
+SAMPLER_SEED = None  # None: each process draws differently (processes that share a study must not share a seed)
+PRUNER = "median"  # "median": stop a trial below the median of earlier trials at the same fold and epoch;
+#                    "threshold": stop a trial whose METRIC is below PRUNE_BELOW; "none"
+PRUNER_STARTUP_TRIALS = 4  # "median" prunes nothing until this many trials have finished
+PRUNE_AFTER_EPOCHS = 3  # never prune in the first epochs of a fold (their validation metric is noise)
+PRUNE_BELOW = 0.2  # "threshold": e.g. 0.2 stops trials stuck near chance (0.125)
+POLL_SECONDS = 2.0  # how often a running fold's log.jsonl is read
+
+# ---- final evaluation
+EVALUATE_BEST = True  # after the search: the best configuration once in the usual CV over N_FOLDS with test folds
+
+# ---- output
+OUTPUT_DIR = "checkpoints"  # study folder OUTPUT_DIR/tune/STUDY_NAME; trial runs OUTPUT_DIR/<script>/tune_STUDY_NAME
+STUDY_NAME = "lite_audio_au"  # the same name joins / resumes the study
+STORAGE = ""  # "" = journal file in the study folder; a path = a journal file there; "<dialect>://..." = an RDB URL
+
+DISTRIBUTIONS = ("log", "float", "int", "choice")
+PRUNERS = ("median", "threshold", "none")
+METRICS = ("accuracy", "uar")
+# Arguments tune.py sets itself for each run: the split, where the run goes, and the selection metric.
+CONTROLLED = ("actors", "test_actors", "val_actors", "fold", "n_folds", "n_val_actors", "run_name", "output_dir",
+              "select_metric")
+EPOCH_STRIDE = 1000  # report step = fold position x EPOCH_STRIDE + epoch, so a pruner compares the same fold
+HOST = socket.gethostname()
+
+
+class TrialFailed(RuntimeError):
+    """A run of a trial ended with an error that is not the user's (e.g. a non-finite loss)."""
+
+
+# ------------------------------------------------------------------------------------------------ settings
+
+def script_path() -> Path:
+    path = Path(TRAIN_SCRIPT)
+    if not path.is_absolute() and not path.exists():
+        path = Path(__file__).resolve().parent / TRAIN_SCRIPT
+    if not path.is_file():
+        raise ConfigError(f"TRAIN_SCRIPT {TRAIN_SCRIPT} does not exist")
+    return path
+
+
+def script_constants(path: Path) -> set[str]:
+    """The lower-case names of the script's top-level UPPER_SNAKE constants, read without importing it."""
+    names = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign):
+            names.update(t.id.lower() for t in node.targets if isinstance(t, ast.Name) and t.id.isupper())
+    return names
+
+
+def _arg_key(arg: str) -> str:
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"TRAIN_ARGS entries look like --key=value, got '{arg}'")
+    return arg[2:].split("=", 1)[0].replace("-", "_").lower()
+
+
+def check_settings(script: Path) -> None:
+    """Every choice and every search key checked before any trial runs: one line per mistake."""
+    known = script_constants(script)
+    for key, spec in SEARCH_SPACE.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"SEARCH_SPACE key '{key}' is not a constant of {script.name}{hint}")
+        if key in CONTROLLED:
+            raise ConfigError(f"SEARCH_SPACE key '{key}' is set by tune.py itself")
+        kind = spec[0] if isinstance(spec, (tuple, list)) and spec else None
+        if kind not in DISTRIBUTIONS:
+            raise ConfigError(f"SEARCH_SPACE['{key}'] = {spec!r}: the first item must be one of {DISTRIBUTIONS}")
+        if kind == "choice" and not (len(spec) == 2 and isinstance(spec[1], (tuple, list)) and spec[1]):
+            raise ConfigError(f"SEARCH_SPACE['{key}'] = {spec!r}: write ('choice', (value, value, ...))")
+        if kind != "choice" and not (len(spec) in (3, 4) and spec[1] < spec[2]):
+            raise ConfigError(f"SEARCH_SPACE['{key}'] = {spec!r}: write ('{kind}', low, high) with low < high")
+    for arg in TRAIN_ARGS:
+        key = _arg_key(arg)
+        if key in CONTROLLED:
+            raise ConfigError(f"TRAIN_ARGS sets --{key}; tune.py sets it for each run (set ACTORS, N_FOLDS, "
+                              f"N_VAL_ACTORS, METRIC or OUTPUT_DIR of tune.py instead)")
+        if key in SEARCH_SPACE:
+            raise ConfigError(f"--{key} is both in TRAIN_ARGS and SEARCH_SPACE")
+    if "select_metric" not in known:
+        raise ConfigError(f"{script.name} has no SELECT_METRIC constant; tune.py needs its runs to select on METRIC")
+    if METRIC not in METRICS:
+        raise ConfigError(f"METRIC must be one of {METRICS}, got '{METRIC}'")
+    if PRUNER not in PRUNERS:
+        raise ConfigError(f"PRUNER must be one of {PRUNERS}, got '{PRUNER}'")
+    if N_VAL_ACTORS < 1:
+        raise ConfigError("N_VAL_ACTORS must be at least 1: the search scores each trial on the validation actors")
+
+
+def search_splits() -> list[tuple[int, Split, tuple[int, ...]]]:
+    """(fold, the fold's split, the run's own validation actors) for every fold of the search."""
+    actors = parse_actors(ACTORS)
+    folds = range(N_FOLDS) if SEARCH_FOLDS == "all" else SEARCH_FOLDS
+    if not isinstance(folds, (range, tuple, list)) or not folds:
+        raise ConfigError(f"SEARCH_FOLDS must be 'all' or a tuple of folds, got {SEARCH_FOLDS!r}")
+    splits = []
+    for fold in folds:
+        split = kfold_split(actors, N_FOLDS, fold, N_VAL_ACTORS)
+        # The run's validation actors: the training actors after the fold's validation actors (wrapping round).
+        after = [a for a in split.train if a > max(split.val)] + [a for a in split.train if a < min(split.val)]
+        inner_val = tuple(sorted(after[:N_VAL_ACTORS]))
+        if len(inner_val) == len(split.train):
+            raise ConfigError(f"fold {fold} has too few training actors ({len(split.train)}) for N_VAL_ACTORS="
+                              f"{N_VAL_ACTORS} validation actors inside each run")
+        splits.append((fold, split, inner_val))
+    return splits
+
+
+# ------------------------------------------------------------------------------------------------ storage
+
+def study_dir() -> Path:
+    return Path(OUTPUT_DIR) / "tune" / STUDY_NAME
+
+
+def make_storage():
+    import optuna
+
+    if "://" in STORAGE:
+        return STORAGE
+    path = Path(STORAGE) if STORAGE else study_dir() / "journal.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    journal = optuna.storages.journal
+    # Optuna 4+ calls the file backend JournalFileBackend; 3.x had JournalFileStorage.
+    backend = getattr(journal, "JournalFileBackend", None) or getattr(journal, "JournalFileStorage")
+    return journal.JournalStorage(backend(str(path)))
+
+
+def make_pruner():
+    import optuna
+
+    if PRUNER == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=PRUNER_STARTUP_TRIALS, n_warmup_steps=0)
+    if PRUNER == "threshold":
+        return optuna.pruners.ThresholdPruner(lower=PRUNE_BELOW)
+    return optuna.pruners.NopPruner()
+
+
+# ------------------------------------------------------------------------------------------------ trials
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def requeue(study, trial) -> None:
+    """End a trial that did not finish and queue its parameters again; the new trial resumes its runs."""
+    from optuna.trial import TrialState
+
+    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    root = trial.user_attrs.get("retry_of", trial.number)
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": root})
+    print(f"trial {trial.number} did not finish: queued again with the same parameters")
+
+
+def requeue_dead_trials(study) -> None:
+    """Trials left RUNNING by a process of this machine that no longer exists (killed, machine restarted)."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        pid = trial.user_attrs.get("pid")
+        if trial.user_attrs.get("host") == HOST and pid and not _alive(pid):
+            requeue(study, trial)
+
+
+def counted_trials(study) -> list:
+    """The trials that use up N_TRIALS: all but the failed ones that were queued again or were over budget."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+
+    def requeued(t) -> bool:
+        root = t.user_attrs.get("retry_of", t.number)
+        return any(o.user_attrs.get("retry_of") == root and o.number > t.number for o in trials)
+
+    return [t for t in trials if not (t.state == TrialState.FAIL and (t.user_attrs.get("over_budget") or requeued(t)))]
+
+
+def next_trial(study):
+    """The next trial of this process, or None when the study's N_TRIALS are taken (by any process)."""
+    from optuna.trial import TrialState
+
+    if len(counted_trials(study)) >= N_TRIALS:
+        return None
+    trial = study.ask()
+    # Two processes may ask at the same moment for the last trial: the storage numbers trials in order, so the one
+    # whose trial falls beyond N_TRIALS gives it back.
+    if trial.number not in [t.number for t in counted_trials(study)][:N_TRIALS]:
+        trial.set_user_attr("over_budget", True)
+        study.tell(trial, state=TrialState.FAIL)
+        return None
+    trial.set_user_attr("host", HOST)
+    trial.set_user_attr("pid", os.getpid())
+    return trial
+
+
+def suggest(trial) -> dict:
+    params = {}
+    for key, spec in SEARCH_SPACE.items():
+        kind = spec[0]
+        if kind in ("log", "float"):
+            params[key] = trial.suggest_float(key, spec[1], spec[2], log=kind == "log")
+        elif kind == "int":
+            params[key] = trial.suggest_int(key, spec[1], spec[2], step=spec[3] if len(spec) == 4 else 1)
+        else:
+            params[key] = trial.suggest_categorical(key, list(spec[1]))
+    return params
+
+
+def as_args(params: dict) -> list[str]:
+    """{'fusion': 'gated', 'lr': 0.001} -> ['--fusion=gated', '--lr=0.001'] (values as the scripts parse them)."""
+    args = []
+    for key, value in params.items():
+        text = value if isinstance(value, str) and not _is_literal(value) else repr(value)
+        args.append(f"--{key}={text}")
+    return args
+
+
+def _is_literal(text: str) -> bool:
+    try:
+        ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return False
+    return True
+
+
+def _actor_list(actors: tuple[int, ...]) -> str:
+    return ",".join(str(a) for a in actors)
+
+
+def run_prefix() -> str:
+    return f"tune_{STUDY_NAME}"
+
+
+def find_run_dir(run_name: str) -> Path | None:
+    """The run folder a script made for `run_name` (OUTPUT_DIR/<script's folder>/<run_name>)."""
+    found = sorted(Path(OUTPUT_DIR).glob(f"*/{run_name}/config.json"))
+    return found[0].parent if found else None
+
+
+def read_log(run_dir: Path | None) -> list[dict]:
+    """Complete lines of a run's log.jsonl (the line being written is left for the next read)."""
+    if run_dir is None or not (run_dir / "log.jsonl").exists():
+        return []
+    text = (run_dir / "log.jsonl").read_text()
+    return [json.loads(line) for line in text[:text.rfind("\n") + 1].splitlines() if line.strip()]
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    return (errors or lines or ["(no output)"])[-1].strip()
+
+
+def run_fold(trial, position: int, fold: int, split: Split, inner_val: tuple[int, ...], params: dict,
+             script: Path) -> float:
+    """Train one fold of a trial in its own process; report each epoch; return METRIC on the fold's val actors."""
+    import optuna
+
+    run_id = trial.user_attrs.get("retry_of", trial.number)
+    run_name = f"{run_prefix()}/trial{run_id:04d}/fold{fold}"
+    command = [sys.executable, str(script), *TRAIN_ARGS, *as_args(params),
+               f"--actors={_actor_list(split.train + split.val)}", f"--test_actors={_actor_list(split.val)}",
+               f"--val_actors={_actor_list(inner_val)}", f"--run_name={run_name}", f"--output_dir={OUTPUT_DIR}",
+               f"--select_metric={METRIC}"]
+    log_path = study_dir() / "logs" / f"trial{run_id:04d}_fold{fold}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as log:
+        log.write(f"$ {' '.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        reported = 0
+        try:
+            while True:
+                finished = process.poll() is not None
+                run_dir = find_run_dir(run_name)
+                records = read_log(run_dir)
+                for record in records[reported:]:
+                    trial.report(record[f"val_{METRIC}"], position * EPOCH_STRIDE + record["epoch"])
+                    if record["epoch"] >= PRUNE_AFTER_EPOCHS and trial.should_prune():
+                        raise optuna.TrialPruned(f"fold {fold}, epoch {record['epoch']}: "
+                                                 f"validation {METRIC} {record[f'val_{METRIC}']:.3f}")
+                reported = len(records)
+                if finished:
+                    break
+                time.sleep(POLL_SECONDS)
+        finally:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+    if process.returncode == 2:  # the scripts' exit status for a user mistake: no further trial would run
+        raise ConfigError(f"{script.name} (trial {trial.number}, fold {fold}): {_last_line(log_path)} "
+                          f"(log: {log_path})")
+    if process.returncode != 0 or run_dir is None or not (run_dir / "metrics.json").exists():
+        raise TrialFailed(f"fold {fold} exited with status {process.returncode}: {_last_line(log_path)} "
+                          f"(log: {log_path})")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    if sorted(metrics["test_actors"]) != sorted(split.val):  # the held-out actors must be the fold's validation actors
+        raise TrialFailed(f"{run_dir}/metrics.json scored actors {metrics['test_actors']}, expected {list(split.val)}")
+    return float(metrics[METRIC])
+
+
+def run_trial(study, trial, splits: list, script: Path) -> None:
+    """All folds of one trial, then tell the study: COMPLETE with the mean, PRUNED, or FAIL."""
+    import optuna
+    from optuna.trial import TrialState
+
+    params = suggest(trial)
+    start = time.time()
+    scores: list[float] = []
+    try:
+        for position, (fold, split, inner_val) in enumerate(splits):
+            scores.append(run_fold(trial, position, fold, split, inner_val, params, script))
+            trial.set_user_attr("fold_scores", scores)
+    except optuna.TrialPruned as pruned:
+        study.tell(trial, state=TrialState.PRUNED)
+        print(f"trial {trial.number} pruned at {pruned} ({time.time() - start:.0f} s) {as_args(params)}")
+        return
+    except TrialFailed as err:
+        trial.set_user_attr("error", str(err))
+        study.tell(trial, state=TrialState.FAIL)
+        print(f"trial {trial.number} failed: {err}")
+        return
+    except ConfigError:
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is queued again for the next run of tune.py
+        requeue(study, trial)
+        raise
+    value = sum(scores) / len(scores)
+    study.tell(trial, value)
+    print(f"trial {trial.number}: validation {METRIC} {value:.1%} (folds {', '.join(f'{s:.1%}' for s in scores)}; "
+          f"{time.time() - start:.0f} s) {' '.join(as_args(params))}")
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def trials_table(study) -> list[dict]:
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else None
+        rows.append({"number": t.number, "state": t.state.name, f"val_{METRIC}": t.value,
+                     "fold_scores": " ".join(f"{s:.4f}" for s in t.user_attrs.get("fold_scores", [])),
+                     **{f"param_{k}": v for k, v in t.params.items()},
+                     "duration_s": None if duration is None else round(duration, 1),
+                     "retry_of": t.user_attrs.get("retry_of"), "note": t.user_attrs.get("error", "") or
+                     ("over budget: another process took the last trial" if t.user_attrs.get("over_budget") else "")})
+    return rows
+
+
+def write_trials_csv(study, path: Path) -> None:
+    rows = trials_table(study)
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def best_command(script: Path, best_args: list[str], cv_run_name: str) -> list[str]:
+    return [sys.executable, str(script), *TRAIN_ARGS, *best_args, f"--actors={ACTORS}", f"--n_folds={N_FOLDS}",
+            f"--n_val_actors={N_VAL_ACTORS}", "--fold=all", f"--select_metric={METRIC}",
+            f"--output_dir={OUTPUT_DIR}", f"--run_name={cv_run_name}"]
+
+
+def save_plots(study, folder: Path) -> list[Path]:
+    """Optimisation history and parameter importances as PNG; importances need two finished trials that differ."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna.visualization.matplotlib as vis
+
+    written = []
+    plots = {"optimization_history.png": vis.plot_optimization_history,
+             "param_importances.png": vis.plot_param_importances}
+    for name, plot in plots.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the matplotlib backend of optuna.visualization is "experimental"
+            try:
+                axes = plot(study)
+            except (ValueError, RuntimeError) as err:
+                print(f"{name} not drawn: {err}")
+                continue
+        figure = axes.figure if hasattr(axes, "figure") else axes.flat[0].figure
+        figure.tight_layout()
+        figure.savefig(folder / name, dpi=120)
+        plt.close(figure)
+        written.append(folder / name)
+    return written
+
+
+def claim(path: Path) -> bool:
+    """True for the one process that creates `path` (or takes it over from a dead process of this machine)."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        owner = json.loads(path.read_text() or "{}")
+        if owner.get("host") != HOST or _alive(owner.get("pid", 0)):
+            return False
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"host": HOST, "pid": os.getpid()}, f)
+    return True
+
+
+def evaluate_best(study, script: Path, best_args: list[str]) -> None:
+    """The best configuration once in the usual CV with the test folds (exactly one process runs it)."""
+    trial = study.best_trial
+    cv_run_name = f"{run_prefix()}/best_trial{trial.number:04d}"
+    claim_file = study_dir() / f"best_trial{trial.number:04d}.claim"
+    if not claim(claim_file):
+        print(f"the best configuration is being evaluated by another process ({claim_file})")
+        return
+    command = best_command(script, best_args, cv_run_name)
+    log_path = study_dir() / "logs" / f"best_trial{trial.number:04d}_cv.log"
+    print(f"evaluating trial {trial.number} in {N_FOLDS}-fold CV with test folds (log: {log_path})")
+    with open(log_path, "a") as log:
+        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    cv_dir = find_run_dir(cv_run_name)
+    if returncode != 0 or cv_dir is None or not (cv_dir / "cv_metrics.json").exists():
+        claim_file.unlink()
+        raise TrialFailed(f"the CV of the best configuration failed: {_last_line(log_path)} (log: {log_path})")
+    cv = json.loads((cv_dir / "cv_metrics.json").read_text())
+    summary = (f"best trial {trial.number} (validation {METRIC} {trial.value:.1%}): {N_FOLDS}-fold actor-disjoint "
+               f"CV test accuracy {cv['accuracy']['mean']:.1%} +- {cv['accuracy']['std']:.1%}, "
+               f"UAR {cv['uar']['mean']:.1%} +- {cv['uar']['std']:.1%} ({cv_dir / 'cv_metrics.json'})")
+    _atomic_write(study_dir() / "best_cv.txt", summary + "\n")
+    print(summary)
+
+
+def _interrupt(signum: int, frame) -> None:
+    raise KeyboardInterrupt  # so that a SIGTERM stops the running fold's process and queues the trial again
+
+
+def main() -> None:
+    import optuna
+    from optuna.trial import TrialState
+
+    script = script_path()
+    check_settings(script)
+    splits = search_splits()
+    study_dir().mkdir(parents=True, exist_ok=True)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    sampler = optuna.samplers.TPESampler(n_startup_trials=STARTUP_TRIALS, seed=SAMPLER_SEED, multivariate=True,
+                                         constant_liar=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # multivariate TPE
+        study = optuna.create_study(study_name=STUDY_NAME, storage=make_storage(), sampler=sampler,
+                                    pruner=make_pruner(), direction="maximize", load_if_exists=True)
+    runs_of_study = [d for d in Path(OUTPUT_DIR).glob(f"*/{run_prefix()}") if d.is_dir()]
+    if not study.get_trials(deepcopy=False) and runs_of_study:
+        raise ConfigError(f"{runs_of_study[0]} holds the runs of an earlier study named '{STUDY_NAME}' whose storage "
+                          f"is gone: choose another STUDY_NAME or delete that folder")
+    requeue_dead_trials(study)
+    print(f"study '{STUDY_NAME}': {len(counted_trials(study))}/{N_TRIALS} trials taken; folds "
+          f"{', '.join(str(fold) for fold, _, _ in splits)} of {N_FOLDS} over actors {ACTORS} "
+          f"(test actors of each fold left out of every run)")
+
+    while (trial := next_trial(study)) is not None:
+        run_trial(study, trial, splits, script)
+
+    folder = study_dir()
+    write_trials_csv(study, folder / "trials.csv")
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        print(f"no trial has finished yet; trials: {folder / 'trials.csv'}")
+        return
+    save_plots(study, folder)
+    best_args = as_args(study.best_trial.params)
+    _atomic_write(folder / "best_args.txt", " ".join(best_args) + "\n")
+    print(f"best trial {study.best_trial.number}: validation {METRIC} {study.best_value:.1%}\n"
+          f"  {' '.join(best_args)}\n  (trials: {folder / 'trials.csv'}, plots and best_args.txt: {folder})")
+    if not EVALUATE_BEST:
+        return
+    if study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        print("other processes are still running trials; the last one to finish evaluates the best configuration")
+        return
+    evaluate_best(study, script, best_args)
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)
+    run_script(main, globals(), sys.argv[1:], user_errors=(DataError, TrialFailed))
