@@ -9,9 +9,12 @@ probabilities are averaged. A sound file gives the model no face, a video withou
 its learned missing-modality token. A file that cannot be read is reported and the rest go on; the exit status is 1
 only if nothing could be predicted.
 
-    python predict.py my_clips/ talk.wav --checkpoint=checkpoints/train_simple_working/simple/ckpt_best.pt
-    python predict.py interview.mp4 --checkpoint=checkpoints/train_lite_model/lite/ckpt_best.pt --output=preds.csv
-    python predict.py --webcam --checkpoint=checkpoints/train_simple_working/simple/ckpt_best.pt   (live, face only)
+--checkpoint takes a checkpoint file or a run folder: a folder gives its ckpt_best.pt, a cross-validation run
+folder with one fold that fold's (with several, name one: .../fold2). The default is the quick start's run.
+
+    python predict.py my_clips/ talk.wav                  # the model of the README's quick start
+    python predict.py interview.mp4 --checkpoint=checkpoints/train_lite_model/lite --output=preds.csv
+    python predict.py --webcam --checkpoint=checkpoints/train_simple_working/simple   (live, face only)
 Colab:
     !python predict.py /content/drive/MyDrive/my_clips --checkpoint=/content/drive/MyDrive/ckpt_best.pt --output=preds.json
 """
@@ -32,15 +35,15 @@ from tqdm import tqdm
 
 from data.preprocess import ClipError, Settings, face_crops, sample_frame_indices
 from data.ravdess import EMOTIONS, DataError
-from data.setup import DATASETS, DataSettings, cache_plan
+from data.setup import cache_plan, run_data_settings
 from data.windows import MEDIA_EXTENSIONS, Windows, is_video, read_windows, to_batch
 from models import ModelConfigError
-from training.checkpoint import load_checkpoint, rebuild_model
+from training.checkpoint import load_checkpoint, rebuild_model, resolve_checkpoint
 from training.config import ConfigError, run_script
 from training.runtime import resolve_device
 
 # ---- model
-CHECKPOINT = "checkpoints/train_simple_working/simple/ckpt_best.pt"  # a ckpt_*.pt of any training script
+CHECKPOINT = "checkpoints/train_simple_working/simple"  # a run folder (its best checkpoint) or a ckpt_*.pt file
 DEVICE = "auto"  # "auto" (GPU if there is one), "cpu", "cuda", "cuda:1"
 
 # ---- preprocessing
@@ -67,6 +70,7 @@ class Predictor:
     settings: Settings
     settings_source: str
     device: torch.device
+    checkpoint: Path  # the file it was loaded from (a run folder resolves to its best checkpoint)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -84,10 +88,16 @@ class Predictor:
     def uses_frames(self) -> bool:
         return "visual" in self.modalities and self.visual_input == "frames"
 
+    @property
+    def inputs(self) -> str:
+        """What the model sees, in words: "audio", "face frames", "audio + per-clip visual features"..."""
+        visual = {"frames": "face frames", "features": "per-clip visual features"}.get(self.visual_input,
+                                                                                       self.visual_input)
+        return " + ".join(("audio" if m == "audio" else visual) for m in self.modalities)
+
     def describe(self) -> str:
-        visual = "" if "visual" not in self.modalities else f" ({self.visual_input})"
         params = sum(p.numel() for p in self.model.parameters())
-        return f"model '{self.model_name}' ({params:,} parameters) on {'+'.join(self.modalities)}{visual}"
+        return f"model '{self.model_name}' ({params:,} parameters) on {self.inputs}"
 
     @torch.inference_mode()
     def probabilities(self, windows: Windows) -> np.ndarray:
@@ -139,12 +149,6 @@ def _manifest_settings(path: Path) -> Settings | None:
         raise ConfigError(f"{manifest} is not a cache manifest (no usable 'settings')") from None
 
 
-def _run_data_settings(run: dict) -> DataSettings | None:
-    """The DataSettings a training script built from its constants (named like its fields, in upper case)."""
-    values = {f.name: run[f.name.upper()] for f in fields(DataSettings) if f.name.upper() in run}
-    return DataSettings(**values) if values.get("dataset") in DATASETS else None
-
-
 def preprocessing_settings(state: dict, preprocess_from: str = "") -> tuple[Settings, str]:
     """The preprocessing settings for a checkpoint and where they came from: PREPROCESS_FROM if given, else the
     manifest of the cache the checkpoint's run trained on (found from its run config, as data/setup.py names it),
@@ -154,7 +158,7 @@ def preprocessing_settings(state: dict, preprocess_from: str = "") -> tuple[Sett
         if settings is None:
             raise ConfigError(f"--preprocess_from={preprocess_from}: no manifest.json there")
         return settings, f"cache manifest {preprocess_from}"
-    data = _run_data_settings(state.get("run_config") or {})
+    data = run_data_settings(state.get("run_config") or {})
     if data is None:
         return Settings(), "the defaults of data/preprocess.py (the checkpoint has no training run config)"
     _, cache, n_frames, size = cache_plan(data)
@@ -167,15 +171,17 @@ def preprocessing_settings(state: dict, preprocess_from: str = "") -> tuple[Sett
 
 
 def load_predictor(checkpoint: str | Path, device: str = "auto", preprocess_from: str = "") -> Predictor:
-    """Rebuild the checkpoint's model from its stored name and config, load the weights, eval mode."""
-    state = load_checkpoint(Path(checkpoint).expanduser())
-    model = rebuild_model(state, checkpoint)
+    """Rebuild the checkpoint's model (a checkpoint file or a run folder) from its stored name and config, load the
+    weights, eval mode."""
+    path = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(path)
+    model = rebuild_model(state, path)
     resolved = resolve_device(device)
     model.to(resolved).eval()
     settings, source = preprocessing_settings(state, preprocess_from)
-    predictor = Predictor(model, state["model_name"], settings, source, resolved)
+    predictor = Predictor(model, state["model_name"], settings, source, resolved, path)
     if not predictor.uses_audio and not predictor.uses_frames:
-        raise ConfigError(f"{checkpoint}: this model sees only per-clip visual features (visual_input='features', "
+        raise ConfigError(f"{path}: this model sees only per-clip visual features (visual_input='features', "
                           "e.g. OpenFace action units), which predict.py cannot compute from a video or sound file")
     return predictor
 
@@ -216,7 +222,8 @@ def predict_file(path: Path, predictor: Predictor, hop: float, max_windows: int)
                                            ("video", windows.frames is not None)) if present)
     if windows.n_windows > 1:
         apart = windows.starts[1] - windows.starts[0]
-        notes.append(f"{windows.n_windows} windows {apart:.1f} s apart over {windows.duration:.1f} s")
+        notes.append(f"{windows.n_windows} windows of {predictor.settings.seconds:g} s, {apart:.2f} s apart, over "
+                     f"{windows.duration:.2f} s")
     return Prediction(str(path), predictor.probabilities(windows).tolist(), windows.n_windows, inputs,
                       notes + windows.notes)
 
@@ -284,8 +291,8 @@ def run_webcam(predictor: Predictor, camera: int | str, every: float, k: int) ->
     """Print the running prediction of the last training window of camera frames until Ctrl-C or the stream
     ends."""
     if not predictor.uses_frames:
-        raise ConfigError("--webcam needs a model that sees face frames; this one uses "
-                          f"{'+'.join(predictor.modalities)} ({predictor.visual_input})")
+        raise ConfigError("--webcam needs a model that sees face frames (no sound is recorded); this one sees "
+                          f"{predictor.inputs}")
     cap = open_camera(camera)
     fps = cap.get(cv2.CAP_PROP_FPS) or 30.0  # some cameras report 0
     settings = predictor.settings
@@ -330,7 +337,7 @@ def main(paths: list[str]) -> int:
     # Unreadable files are reported in the table; OpenCV's own warnings about them would only add noise.
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     predictor = load_predictor(CHECKPOINT, DEVICE, PREPROCESS_FROM)
-    print(f"{predictor.describe()} from {CHECKPOINT}")
+    print(f"{predictor.describe()} from {predictor.checkpoint}")
     s = predictor.settings
     print(f"preprocessing from {predictor.settings_source}: {s.seconds:g} s windows, {s.n_frames} frames of "
           f"{s.size}x{s.size}, {s.n_mels} mel bands at {s.sample_rate} Hz")
@@ -344,7 +351,7 @@ def main(paths: list[str]) -> int:
     n_ok = sum(p.error is None for p in predictions)
     print(f"{n_ok} of {len(predictions)} predicted")
     if output is not None:
-        write_output(predictions, output, TOP_K, {"checkpoint": str(CHECKPOINT), "model": predictor.model_name,
+        write_output(predictions, output, TOP_K, {"checkpoint": str(predictor.checkpoint), "model": predictor.model_name,
                                                   "preprocessing": s.to_json()})
         print(f"wrote {output}")
     return 0 if n_ok else 1

@@ -1,15 +1,16 @@
 """Draw the attention maps of a trained model's fusion for one clip.
 
-Loads a checkpoint (the model is rebuilt from the name and config stored in it), runs one clip - from a cache, or
-a video and/or sound file through the preprocessing of training - and collects the attention weights of every
+Loads a checkpoint or a run folder (the model is rebuilt from the name and config stored in it), runs one clip -
+from the cache its run trained on (or CACHE_DIR; action units standardised with the training statistics stored in
+the checkpoint), or a video and/or sound file through the preprocessing of training - and collects the attention weights of every
 attention layer through the model's `attention_maps(batch)` (the LFM2 attention blocks of the full model, the
 cross-attention or transformer layers of the Lite model, plus their attention pooling). Writes, to
 checkpoints/visualize_attention/<RUN_NAME>/figures/:
 - attention_<i>_<layer>.png: token-by-token weights (mean over heads), audio and visual segments labelled;
 - frames_attention.png: the clip's face crops with the attention each frame receives in each layer.
 
-    python visualize_attention.py --checkpoint=checkpoints/train_full_model/full/ckpt_best.pt --cache_dir=cache/ravdess
-    python visualize_attention.py --checkpoint=checkpoints/train_lite_model/lite/ckpt_best.pt --video_file=clip.mp4
+    python visualize_attention.py --checkpoint=checkpoints/train_full_model/full --clip_id=01-05-02-01-02-12
+    python visualize_attention.py --checkpoint=checkpoints/train_lite_model/lite/fold0 --video_file=clip.mp4
 Colab: `!python visualize_attention.py --checkpoint=/content/drive/MyDrive/ckpt_best.pt --video_file=/content/clip.mp4`
 """
 from __future__ import annotations
@@ -28,20 +29,21 @@ import models
 from data.dataset import IMAGENET_MEAN, IMAGENET_STD, RavdessDataset, load_manifest
 from data.preprocess import ClipError, Settings
 from data.ravdess import DataError
+from data.setup import cache_plan, run_data_settings
 from data.windows import read_windows, to_batch
 from models.layers import AttentionMap
-from training.checkpoint import load_checkpoint, rebuild_model
+from training.checkpoint import load_checkpoint, rebuild_model, resolve_checkpoint, stored_feature_stats
 from training.config import ConfigError, config_keys, run_script
 from training.runs import RunFolder
 from training.runtime import resolve_device
 
 # --- model ---
-CHECKPOINT = ""  # a ckpt_*.pt written by a training script (required)
+CHECKPOINT = ""  # a training run folder (its best checkpoint) or a ckpt_*.pt file (required)
 DEVICE = "auto"  # "auto", "cpu", "cuda" or "cuda:1"
 # --- clip: from a cache, or from files ---
-CACHE_DIR = "checkpoints/cache/RAVDESS"  # a cache of data/prepare_ravdess.py; its settings also preprocess files
+CACHE_DIR = ""  # a cache of data/prepare_ravdess.py; "" = the one the checkpoint's run trained on (its run config)
 CLIP_ID = ""  # take key in the cache, e.g. 01-05-02-01-02-12; "" = the cache's first clip
-FEATURE_FILE = ""  # per-clip feature .npz, for a model whose visual input is features
+FEATURE_FILE = ""  # per-clip feature .npz for a model whose visual input is features; "" = its run's
 VIDEO_FILE = ""  # a video file (face frames, and its sound unless AUDIO_FILE is given); overrides the cache
 AUDIO_FILE = ""  # a sound file (wav, flac, mp3); overrides the cache
 # --- output ---
@@ -52,12 +54,22 @@ DPI = 110
 POOL_QUERY = "pool_query"  # the query label the models give the single query of an attention-pooling map
 
 
-def load_model(path: str, device: torch.device) -> tuple[torch.nn.Module, str]:
+def load_model(path: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
+    """The checkpoint's model in eval mode on `device`, and the checkpoint (a run folder gives its best one)."""
     if not path:
-        raise ConfigError("say which checkpoint to visualise: --checkpoint=path/to/ckpt_best.pt")
-    state = load_checkpoint(Path(path).expanduser())
-    model = rebuild_model(state, path)
-    return model.to(device).eval(), state["model_name"]
+        raise ConfigError("say which checkpoint to visualise: --checkpoint=path/to/run_folder or .../ckpt_best.pt")
+    resolved = resolve_checkpoint(path)
+    state = load_checkpoint(resolved)
+    model = rebuild_model(state, resolved)
+    return model.to(device).eval(), state
+
+
+def training_inputs(state: dict) -> tuple[Path | None, str]:
+    """The cache and feature file to read: CACHE_DIR / FEATURE_FILE when given, else those the checkpoint's run
+    trained on (from the run config stored in it; None / "" when it stores none)."""
+    data = run_data_settings(state.get("run_config") or {})
+    cache = Path(CACHE_DIR).expanduser() if CACHE_DIR else cache_plan(data)[1] if data else None
+    return cache, FEATURE_FILE or (data.feature_file if data else "")
 
 
 def check_has_attention(model: torch.nn.Module, name: str) -> None:
@@ -77,25 +89,35 @@ def attention_layers(model: torch.nn.Module, name: str, batch: dict) -> list[Att
     return maps
 
 
-def clip_from_cache(model: torch.nn.Module) -> tuple[dict, str]:
+def clip_from_cache(model: torch.nn.Module, state: dict, cache: Path | None, feature_file: str) -> tuple[dict, str]:
+    """CLIP_ID of the cache as the model saw it in training; per-clip features are standardised with the
+    training statistics stored in the checkpoint."""
+    if cache is None:
+        raise ConfigError("the checkpoint names no training cache: give --cache_dir=..., or --video_file / "
+                          "--audio_file")
     config = model.config
     modalities = tuple(config.get("modalities", ("audio", "visual")))
     visual = config.get("visual_input", "frames") if "visual" in modalities else None
-    dataset = RavdessDataset(CACHE_DIR, visual=visual, modalities=modalities, features_file=FEATURE_FILE or None)
+    stats = stored_feature_stats(state)
+    if visual == "features" and stats is None:
+        print("warning: the checkpoint stores no feature statistics (written before they were stored): the "
+              "features go in unstandardised, unlike in training", file=sys.stderr)
+    dataset = RavdessDataset(cache, visual=visual, modalities=modalities, features_file=feature_file or None,
+                             feature_stats=stats)
     ids = [record.clip_id for record in dataset.records]
     if not ids:
-        raise DataError(f"cache {CACHE_DIR} holds no clips")
+        raise DataError(f"cache {cache} holds no clips")
     clip_id = CLIP_ID or ids[0]
     if clip_id not in ids:
-        raise DataError(f"clip {clip_id} is not in cache {CACHE_DIR} (e.g. {', '.join(ids[:3])})")
+        raise DataError(f"clip {clip_id} is not in cache {cache} (e.g. {', '.join(ids[:3])})")
     return default_collate([dataset[ids.index(clip_id)]]), clip_id
 
 
-def clip_from_files(model: torch.nn.Module) -> tuple[dict, str]:
+def clip_from_files(model: torch.nn.Module, cache: Path | None) -> tuple[dict, str]:
     """One centred window of the files, preprocessed as in training (the cache's settings when there is one)."""
     settings = Settings(**{k: tuple(v) if isinstance(v, list) else v
-                           for k, v in load_manifest(CACHE_DIR)["settings"].items()}) \
-        if (Path(CACHE_DIR) / "manifest.json").exists() else Settings()
+                           for k, v in load_manifest(cache)["settings"].items()}) \
+        if cache is not None and (cache / "manifest.json").exists() else Settings()
     visual_input = model.config.get("visual_input", "frames")
     try:
         video = read_windows(Path(VIDEO_FILE), settings, audio=not AUDIO_FILE, frames=True, hop=settings.seconds,
@@ -206,21 +228,23 @@ def plot_frames(frames: torch.Tensor, maps: list[AttentionMap], path: Path, titl
 
 def main() -> list[Path]:
     device = resolve_device(DEVICE)
-    model, name = load_model(CHECKPOINT, device)
+    model, state = load_model(CHECKPOINT, device)
+    name = state["model_name"]
     check_has_attention(model, name)
-    batch, clip = clip_from_files(model) if (VIDEO_FILE or AUDIO_FILE) else clip_from_cache(model)
+    cache, feature_file = training_inputs(state)
+    batch, clip = clip_from_files(model, cache) if (VIDEO_FILE or AUDIO_FILE) else \
+        clip_from_cache(model, state, cache, feature_file)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     maps = attention_layers(model, name, batch)
     run = RunFolder("visualize_attention", RUN_NAME, root=OUTPUT_DIR)
     run.write_config({k: globals()[k] for k in config_keys(globals())})
-    figures = run.dir / "figures"
     title = f"{name} model, clip {clip}"
     written = []
     for index, attention in enumerate(maps):
         slug = re.sub(r"[^A-Za-z0-9]+", "_", attention.layer).strip("_")
-        written.append(plot_attention_map(attention, figures / f"attention_{index:02d}_{slug}.png", title))
+        written.append(plot_attention_map(attention, run.figure_path(f"attention_{index:02d}_{slug}.png"), title))
     if batch.get("frames") is not None and bool(batch["has_visual"][0]):
-        frames_png = plot_frames(batch["frames"], maps, figures / "frames_attention.png", title)
+        frames_png = plot_frames(batch["frames"], maps, run.figure_path("frames_attention.png"), title)
         written += [frames_png] if frames_png else []
     summary = {m.layer: {"query_labels": m.query_labels, "key_labels": m.key_labels,
                          "received": m.weights[0].float().mean(dim=(0, 1)).cpu().tolist()} for m in maps}

@@ -7,9 +7,10 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
+import numpy as np
 from torch.utils.data import DataLoader
 
 from data.dataset import build_datasets, load_manifest, make_loaders
@@ -53,6 +54,12 @@ class Loaders:
     class_names: list[str]
     seed: int = 0
 
+    @property
+    def feature_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """(mean, std) of the training actors' features that standardise every split; None without features.
+        Checkpoints store them, so the model is applied later to features scaled as in training."""
+        return self.train.dataset.feature_stats
+
     def set_epoch(self, epoch: int) -> None:
         """Seed the training order from (seed, epoch), so a resumed run visits batches as an uninterrupted one."""
         self.train.generator.manual_seed(self.seed * 100_003 + epoch)
@@ -80,6 +87,16 @@ def cache_plan(settings: DataSettings) -> tuple[Path, Path, int, int]:
     if not settings.cache_dir:
         cache = cache.with_name(f"{cache.name}_{n_frames}x{size}")
     return root, cache, n_frames, size
+
+
+def run_data_settings(run_config: dict) -> DataSettings | None:
+    """The DataSettings a training script built from its constants (named like the fields, in upper case), from
+    the run config a checkpoint stores; None when it holds none (predict.py and visualize_attention.py use it to
+    find the cache and feature file a checkpoint was trained on)."""
+    values = {f.name: run_config[f.name.upper()] for f in fields(DataSettings) if f.name.upper() in run_config}
+    if values.get("dataset") not in DATASETS:
+        return None
+    return DataSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def prepare_data(settings: DataSettings) -> Path:

@@ -50,10 +50,12 @@ def is_video(path: Path) -> bool:
 
 def window_starts(duration: float, seconds: float, hop: float, max_windows: int) -> list[float | None]:
     """Start times of windows of `seconds` covering `duration`: [None] (one centred window, as in training) when
-    the file is no longer than a window, else `hop` apart from 0 to `duration - seconds`, evenly spread so the last
-    window ends at the end. More than `max_windows` windows are thinned to `max_windows` over the same span."""
+    the file is at most half a hop longer than a window (a 4 s RAVDESS clip, like its cache entry), else `hop` apart
+    from 0 to `duration - seconds`, evenly spread so the last window ends at the end. More than `max_windows`
+    windows are thinned to `max_windows` over the same span."""
     span = duration - seconds
-    count = 1 if span <= 1e-6 else min(max_windows, 1 + math.ceil(span / hop - 1e-9))
+    # A second window starting a few milliseconds after the first would see the same sound and frames.
+    count = 1 if span < hop / 2 else min(max_windows, 1 + math.ceil(span / hop - 1e-9))
     if count == 1:
         return [None]
     return [float(s) for s in np.linspace(0.0, span, count)]

@@ -120,6 +120,31 @@ def test_window_starts():
     assert np.diff(starts).max() <= 2.0
     thinned = window_starts(600.0, 3.6, 1.0, 8)
     assert len(thinned) == 8 and thinned[-1] == pytest.approx(596.4)
+    # A file a little longer than a window (a 3.64 s or 4 s RAVDESS clip) is one centred window, as in the cache.
+    assert window_starts(3.64, 3.6, 1.0, 16) == [None] and window_starts(4.0, 3.6, 1.0, 16) == [None]
+    assert window_starts(4.2, 3.6, 1.0, 16) == [0.0, pytest.approx(0.6)]
+
+
+def test_window_note_says_how_far_apart(media, trained_simple, tmp_path, monkeypatch):
+    status, records = run_main(monkeypatch, [media["long_wav"]], checkpoint=str(trained_simple),
+                               window_hop_seconds=2.0, output=tmp_path / "p.json")
+    assert "5 windows of 3.6 s, 1.60 s apart, over 10.00 s" in records[0]["notes"]
+
+
+def test_run_folder_is_a_checkpoint_and_the_default_is_the_quick_start_run(media, trained_simple, tmp_path,
+                                                                          monkeypatch):
+    import train_simple_working
+
+    quick_start = Path(train_simple_working.OUTPUT_DIR) / "train_simple_working" / train_simple_working.RUN_NAME
+    assert Path(predict.CHECKPOINT) == quick_start
+    fold = tmp_path / "run" / "fold0"
+    fold.mkdir(parents=True)
+    shutil.copy(trained_simple, fold / "ckpt_best.pt")
+    (tmp_path / "run" / "figures").mkdir()
+    status, records = run_main(monkeypatch, [media["wav"]], checkpoint=str(tmp_path / "run"),
+                               output=tmp_path / "p.json")
+    assert status == 0 and records[0]["emotion"] in EMOTIONS
+    assert json.loads((tmp_path / "p.json").read_text())["checkpoint"] == str(fold / "ckpt_best.pt")
 
 
 def test_long_wav_is_split_into_windows_and_averaged(media, trained_simple, tmp_path, monkeypatch):
@@ -281,6 +306,15 @@ def test_webcam_loop_on_a_video_stream(media, trained_simple, monkeypatch, capsy
     # 120 frames at 15 fps: the first prediction once 3.6 s (54 frames) are in, then one every 15 frames.
     assert len(lines) == 5 and all(line.split()[0] in EMOTIONS for line in lines)
     assert "no more frames" in lines[-1]
+
+
+def test_webcam_with_an_audio_only_model_says_what_it_sees(tmp_path, monkeypatch):
+    audio_only = save_model(tmp_path / "audio.pt", "lite", modalities=["audio"], fusion="concat")
+    for key, value in {"CHECKPOINT": str(audio_only), "WEBCAM": True}.items():
+        monkeypatch.setattr(predict, key, value)
+    with pytest.raises(ConfigError, match=r"needs a model that sees face frames \(no sound is recorded\); "
+                                          r"this one sees audio$"):
+        predict.main([])
 
 
 def test_no_camera_is_one_clear_error(trained_simple, monkeypatch):

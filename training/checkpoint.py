@@ -10,6 +10,7 @@ import pickle
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -49,8 +50,48 @@ def make_state(
     return state
 
 
+def feature_stats_entry(stats: tuple[np.ndarray, np.ndarray] | None) -> dict | None:
+    """The (mean, std) that standardised the per-clip visual features in training, as a checkpoint entry
+    (`make_state(..., feature_stats=feature_stats_entry(loaders.feature_stats))`); None without features."""
+    if stats is None:
+        return None
+    mean, std = stats
+    return {"mean": torch.as_tensor(np.asarray(mean), dtype=torch.float32),
+            "std": torch.as_tensor(np.asarray(std), dtype=torch.float32)}
+
+
+def stored_feature_stats(state: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """The feature standardisation a checkpoint was trained with (None when it stores none)."""
+    entry = state.get("feature_stats")
+    if not entry:
+        return None
+    return entry["mean"].numpy(), entry["std"].numpy()
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     atomic_torch_save(state, path)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint file meant by `path`: a file is itself; a run folder gives its ckpt_best.pt (ckpt_last.pt
+    before the first best); a cross-validation run folder with one fold gives that fold's. A folder with several
+    folds, or none, is a one-line `ConfigError` saying what is there."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint not found: {path}")
+    for name in ("ckpt_best.pt", "ckpt_last.pt"):
+        if (path / name).is_file():
+            return path / name
+    folds = sorted((p for p in path.glob("fold*") if p.is_dir() and any(p.glob("ckpt_*.pt"))),
+                   key=lambda p: (len(p.name), p.name))
+    if len(folds) == 1:
+        return resolve_checkpoint(folds[0])
+    if folds:
+        raise ConfigError(f"{path} holds {len(folds)} cross-validation folds ({', '.join(p.name for p in folds)}): "
+                          f"name one, e.g. {folds[0]}")
+    raise ConfigError(f"no checkpoint in {path} (neither a ckpt_*.pt nor a fold folder holding one)")
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict:

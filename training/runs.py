@@ -44,9 +44,15 @@ class RunFolder:
         self.script, self.run_name, self.root = script, run_name, Path(root)
         self.dir = self.root / script / run_name
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "figures").mkdir(exist_ok=True)
         self.last = self.dir / "ckpt_last.pt"
         self.best = self.dir / "ckpt_best.pt"
+
+    def figure_path(self, name: str) -> Path:
+        """`figures/<name>` in the run folder; the folder is made on the first figure, so a cross-validation run
+        folder (figures live in its fold folders) has none."""
+        folder = self.dir / "figures"
+        folder.mkdir(exist_ok=True)
+        return folder / name
 
     def sub(self, name: str) -> "RunFolder":
         """A nested run folder (one per cross-validation fold)."""
@@ -108,7 +114,7 @@ class RunFolder:
             ax.grid(alpha=0.3)
             ax.legend()
         fig.tight_layout()
-        path = self.dir / "figures" / "training_curves.png"
+        path = self.figure_path("training_curves.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
@@ -131,7 +137,7 @@ class RunFolder:
         ax.set(xlabel="predicted", ylabel="true", title=title)
         fig.colorbar(image, ax=ax, fraction=0.046)
         fig.tight_layout()
-        path = self.dir / "figures" / "confusion_matrix.png"
+        path = self.figure_path("confusion_matrix.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         return path
