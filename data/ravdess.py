@@ -123,7 +123,15 @@ class Discovery:
 
 
 def _media_files(root: Path) -> Iterable[Path]:
-    for folder, dirs, files in os.walk(root):
+    # Linked folders are followed (datasets are often linked in from Drive or a shared disk); a folder already
+    # visited through another link is skipped, so a link cycle ends.
+    visited: set[str] = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:
+            dirs[:] = []
+            continue
+        visited.add(real)
         # macOS zip extraction leaves __MACOSX/ and ._name resource forks next to the real files: not media.
         dirs[:] = sorted(d for d in dirs if not d.startswith(".") and d != "__MACOSX")
         for name in sorted(files):
@@ -136,8 +144,10 @@ def scan(root: str | os.PathLike, channel: str = "speech") -> Discovery:
     if channel not in CHANNELS:
         raise DataError(f"channel must be one of {sorted(CHANNELS)}, got '{channel}'")
     root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"data root {root} does not exist")
     if not root.is_dir():
-        raise DataError(f"data root {root} does not exist or is not a folder")
+        raise DataError(f"data root {root} is a file: give the folder that holds the RAVDESS files")
     takes: dict[str, dict[int, Path]] = {}
     names: dict[str, RavdessName] = {}
     skipped: list[tuple[Path, str]] = []

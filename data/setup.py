@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from data.dataset import build_datasets, load_manifest, make_loaders
+from data.dataset import AudioAugment, build_datasets, load_manifest, make_loaders
 from data.preprocess import prepare_cache
 from data.ravdess import EMOTIONS, DataError, Split, kfold_split, split_actors
 from data.synthetic import make_synthetic_ravdess
@@ -38,6 +38,11 @@ class DataSettings:
     n_frames: int = 0  # 0 = the dataset's default (DEFAULT_FRAMES)
     frame_size: int = 0
     spec_augment: bool = True
+    freq_masks: int = 1  # SpecAugment and time shift of training log-mels: see data.dataset.AudioAugment
+    freq_mask_bins: int = 10
+    time_masks: int = 1
+    time_mask_seconds: float = 0.6
+    time_shift_seconds: float = 0.3
     frame_augment: bool = True
     batch_size: int = 32
     num_workers: int = 2
@@ -108,8 +113,10 @@ def prepare_data(settings: DataSettings) -> Path:
             print(f"generating the synthetic RAVDESS-format quick-start set in {root} ...")
             make_synthetic_ravdess(root, actors=SYNTHETIC_ACTORS, seconds=3.6)
             (root / "done").touch()
-    elif not root.is_dir():
+    elif not root.exists():
         raise DataError(f"DATA_ROOT {root} does not exist (see README: Getting RAVDESS)")
+    elif not root.is_dir():
+        raise DataError(f"DATA_ROOT {root} is a file: give the folder that holds the RAVDESS files")
     # The cache always holds every modality the files have; MODALITIES only selects what the model sees.
     prepare_cache(root, cache, channel=settings.channel, n_frames=n_frames, size=size,
                   workers=settings.num_workers or None)
@@ -117,7 +124,15 @@ def prepare_data(settings: DataSettings) -> Path:
 
 
 def cached_actors(cache: Path) -> list[int]:
-    return sorted({clip["actor"] for clip in load_manifest(cache)["clips"]})
+    """The actors of the clips in the cache; DataError naming the cause when it holds none."""
+    manifest = load_manifest(cache)
+    actors = sorted({clip["actor"] for clip in manifest["clips"]})
+    if not actors:
+        failures = manifest.get("failures", [])
+        cause = (f"all {len(failures)} clips failed in preprocessing (e.g. {failures[0]['clip_id']}: "
+                 f"{failures[0]['reason']})" if failures else "no clip was found")
+        raise DataError(f"the cache {cache} holds no usable clip: {cause}")
+    return actors
 
 
 def make_split(cache: Path, actors: str | list[int], n_folds: int, fold: int, n_val_actors: int,
@@ -132,11 +147,18 @@ def make_split(cache: Path, actors: str | list[int], n_folds: int, fold: int, n_
     return kfold_split(actors, n_folds, fold, n_val_actors)
 
 
+def audio_augment(settings: DataSettings) -> AudioAugment | None:
+    if not settings.spec_augment:
+        return None
+    return AudioAugment(settings.freq_masks, settings.freq_mask_bins, settings.time_masks,
+                        settings.time_mask_seconds, settings.time_shift_seconds)
+
+
 def build_loaders(cache: Path, split: Split, settings: DataSettings) -> Loaders:
     visual = settings.visual_input if "visual" in settings.modalities else None
     train, val, test = build_datasets(cache, split, features_file=settings.feature_file or None,
                                       modalities=settings.modalities, visual=visual,
-                                      spec_augment=settings.spec_augment, frame_augment=settings.frame_augment)
+                                      spec_augment=audio_augment(settings), frame_augment=settings.frame_augment)
     train_loader, val_loader, test_loader = make_loaders(train, val, test, settings.batch_size,
                                                          settings.num_workers, settings.seed)
     return Loaders(train_loader, val_loader, test_loader, train.feature_dim, list(EMOTIONS), settings.seed)

@@ -97,6 +97,23 @@ def test_missing_root_and_root_without_ravdess_files(tmp_path):
         discover_clips(tmp_path)
 
 
+def test_a_file_as_root_is_named_a_file(tmp_path):
+    touch(tmp_path, "03-01-03-01-01-01-01.wav")
+    with pytest.raises(DataError, match="is a file: give the folder"):
+        discover_clips(tmp_path / "03-01-03-01-01-01-01.wav")
+
+
+def test_linked_actor_folders_are_followed_and_a_link_cycle_ends(tmp_path):
+    storage, root = tmp_path / "drive", tmp_path / "RAVDESS"
+    touch(storage, "Actor_01/03-01-03-01-01-01-01.wav", "Actor_02/03-01-05-01-01-01-02.wav")
+    root.mkdir()
+    for actor in ("Actor_01", "Actor_02"):
+        (root / actor).symlink_to(storage / actor, target_is_directory=True)
+    (storage / "Actor_01" / "loop").symlink_to(root, target_is_directory=True)  # RAVDESS/Actor_01/loop -> RAVDESS
+    clips = discover_clips(root)
+    assert [c.actor for c in clips] == [1, 2]
+
+
 def test_kfold_default_is_six_folds_of_four_consecutive_actors():
     folds = [kfold_split(fold=k) for k in range(6)]
     assert [f.test for f in folds] == [tuple(range(4 * k + 1, 4 * k + 5)) for k in range(6)]
