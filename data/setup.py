@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from data.dataset import AudioAugment, build_datasets, load_manifest, make_loaders
+from data.dataset import build_datasets, load_manifest, make_loaders
 from data.preprocess import prepare_cache
 from data.ravdess import EMOTIONS, DataError, Split, kfold_split, split_actors
 from data.synthetic import make_synthetic_ravdess
@@ -38,11 +38,6 @@ class DataSettings:
     n_frames: int = 0  # 0 = the dataset's default (DEFAULT_FRAMES)
     frame_size: int = 0
     spec_augment: bool = True
-    freq_masks: int = 1  # SpecAugment and time shift of training log-mels: see data.dataset.AudioAugment
-    freq_mask_bins: int = 10
-    time_masks: int = 1
-    time_mask_seconds: float = 0.6
-    time_shift_seconds: float = 0.3
     frame_augment: bool = True
     batch_size: int = 32
     num_workers: int = 2
@@ -147,18 +142,11 @@ def make_split(cache: Path, actors: str | list[int], n_folds: int, fold: int, n_
     return kfold_split(actors, n_folds, fold, n_val_actors)
 
 
-def audio_augment(settings: DataSettings) -> AudioAugment | None:
-    if not settings.spec_augment:
-        return None
-    return AudioAugment(settings.freq_masks, settings.freq_mask_bins, settings.time_masks,
-                        settings.time_mask_seconds, settings.time_shift_seconds)
-
-
 def build_loaders(cache: Path, split: Split, settings: DataSettings) -> Loaders:
     visual = settings.visual_input if "visual" in settings.modalities else None
     train, val, test = build_datasets(cache, split, features_file=settings.feature_file or None,
                                       modalities=settings.modalities, visual=visual,
-                                      spec_augment=audio_augment(settings), frame_augment=settings.frame_augment)
+                                      spec_augment=settings.spec_augment, frame_augment=settings.frame_augment)
     train_loader, val_loader, test_loader = make_loaders(train, val, test, settings.batch_size,
                                                          settings.num_workers, settings.seed)
     return Loaders(train_loader, val_loader, test_loader, train.feature_dim, list(EMOTIONS), settings.seed)
