@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -466,6 +467,20 @@ def _worker_init() -> None:
     cv2.setNumThreads(1)
 
 
+def _start_worker(parent_pid: int) -> None:
+    """Initializer of a pool worker: one thread per library, and a watch that ends the worker when its parent is
+    gone. A parent killed with kill -9 cannot stop its pool, and orphaned workers would go on writing to the
+    cache."""
+    _worker_init()
+
+    def exit_with_parent() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=exit_with_parent, name="exit-with-parent", daemon=True).start()
+
+
 @contextmanager
 def single_threaded() -> Iterator[None]:
     """Run the block with one torch and one OpenCV thread, then restore the caller's settings."""
@@ -562,7 +577,8 @@ def _run_all(todo: list[Clip], root: Path, settings: Settings, clips_dir: Path, 
     else:
         # spawn, not fork: forking a parent whose torch/OpenMP threads are running can deadlock the children.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_worker_init) as pool:
+        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_start_worker,
+                                 initargs=(os.getpid(),)) as pool:
             futures = {pool.submit(_process_one, clip, root, settings, clips_dir): i for i, clip in enumerate(todo)}
             for future in as_completed(futures):
                 results[futures[future]] = future.result()

@@ -1,11 +1,20 @@
-"""Data problems say their real cause: a file given as DATA_ROOT, a cache in which every clip failed."""
+"""Data problems say their real cause (a file given as DATA_ROOT, a cache in which every clip failed), and the
+preprocessing workers do not outlive their parent."""
 from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from data.preprocess import prepare_cache
 from data.ravdess import DataError
 from data.setup import DataSettings, make_split, prepare_data
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_data_root_that_is_a_file_is_named_a_file(tmp_path):
@@ -24,3 +33,45 @@ def test_a_cache_whose_clips_all_failed_says_so_not_that_the_actor_list_is_empty
     with pytest.raises(DataError, match=r"holds no usable clip: all 2 clips failed in preprocessing \(e\.g\. "
                                         r"01-03-01-01-01-01: cannot read"):
         make_split(tmp_path / "cache", "auto", n_folds=2, fold=0, n_val_actors=0)
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the worker processes through /proc")
+def test_preprocessing_workers_end_with_a_killed_parent(synthetic_root, tmp_path):
+    code = ("import sys; from data.preprocess import prepare_cache; "
+            "prepare_cache(sys.argv[1], sys.argv[2], workers=2, progress=False)")
+    parent = subprocess.Popen([sys.executable, "-c", code, str(synthetic_root), str(tmp_path / "cache")],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not any((tmp_path / "cache" / "clips").glob("*.npz")):
+            time.sleep(0.1)  # the workers are running once the first clip is written
+        workers = [pid for pid in _children(parent.pid) if _alive(pid)]
+        assert workers, "the pool never started"
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(pid) for pid in workers):
+        time.sleep(0.1)
+    assert not [pid for pid in workers if _alive(pid)]
