@@ -215,7 +215,7 @@ def amp_dtype() -> torch.dtype:
 @pytest.fixture(autouse=True)
 def one_thread():
     """Tiny tensors run fastest on one thread; on a busy CPU, OpenMP threads waiting for a core make a 20 ms
-    step take seconds."""
+    step take seconds. (tests/conftest.py does this for the whole run; this file is also run alone.)"""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

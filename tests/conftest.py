@@ -10,11 +10,24 @@ data.synthetic.make_synthetic_cache. Real data: `shared_data_dir()` in tests/sha
 """
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
-import pytest
+# One thread per test process, and threads that sleep instead of spinning while they wait: tests use tiny tensors
+# that gain nothing from intra-op threads, and on a busy machine (shared CI) OpenMP's default spin-waiting makes
+# 2-thread ops 5-20x slower. Set before torch is imported (OpenMP reads the variables once), and inherited by the
+# scripts the tests start as subprocesses.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
-from data.preprocess import prepare_cache
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from data.preprocess import prepare_cache  # noqa: E402
+
+torch.set_num_threads(1)
 from data.synthetic import make_synthetic_ravdess
 
 SYNTHETIC_ACTORS = (1, 2, 3, 4)

@@ -28,15 +28,6 @@ TINY = {"width": 32, "audio_channels": [4, 8, 8, 16], "audio_tokens": 3, "visual
         "n_heads": 2, "mlp_ratio": 2, "frame_backbone": "tiny", "dropout": 0.0, "encoder_dropout": 0.0}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors gain nothing from intra-op threads, and on a busy 2-core machine thread barriers cost seconds.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(**overrides) -> MultimodalFERLite:
     torch.manual_seed(0)
     return MultimodalFERLite(**{**TINY, **overrides})

@@ -352,3 +352,11 @@ def test_command_line_help_and_choice_error_come_before_any_work(tmp_path):
     assert wrong.returncode == 2
     assert wrong.stderr.strip() == "error: --select_metric=f1 is not one of accuracy | uar | macro_f1"
     assert not any(tmp_path.iterdir())  # refused before any data work
+
+
+def test_tests_and_the_scripts_they_start_use_one_passive_thread():
+    # tests/conftest.py: spinning OpenMP threads made the suite 10x slower on a busy machine.
+    assert torch.get_num_threads() == 1
+    child = subprocess.run([sys.executable, "-c", "import os, torch; print(os.environ.get('OMP_WAIT_POLICY'), "
+                            "torch.get_num_threads())"], capture_output=True, text=True, timeout=60)
+    assert child.stdout.split() == ["PASSIVE", "1"]
