@@ -150,3 +150,26 @@ def test_search_settings_are_checked_before_any_run(tune_module, tmp_path):
     with pytest.raises(tune_module.ConfigError, match="first item must be one of"):
         tune_module.main()
     assert not (tmp_path / "tune").exists()
+
+
+def test_a_trial_of_a_dead_process_is_queued_again_with_its_runs(tune_module, tmp_path):
+    import optuna
+
+    vars(tune_module).update({"OUTPUT_DIR": str(tmp_path), "STUDY_NAME": "resumed", "N_TRIALS": 2,
+                              "SEARCH_SPACE": {"lr": ("log", 1e-3, 1e-2)}})
+    study = optuna.create_study(study_name="resumed", storage=tune_module.make_storage(), direction="maximize")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = study.ask()
+    lr = tune_module.suggest(orphan)["lr"]
+    orphan.set_user_attr("host", tune_module.HOST)
+    orphan.set_user_attr("pid", int(dead.stdout))  # that process has exited: the trial was interrupted
+
+    tune_module.requeue_dead_trials(study)
+    retry = tune_module.next_trial(study)
+    assert retry.number == 1 and tune_module.suggest(retry) == {"lr": lr}
+    assert retry.user_attrs["retry_of"] == 0  # its runs go to trial0000's folders and resume there
+    assert [t.number for t in tune_module.counted_trials(study)] == [1]  # the interrupted one uses no budget
+    study.tell(retry, 0.5)
+    assert tune_module.next_trial(study).number == 2
+    study.tell(2, 0.4)
+    assert tune_module.next_trial(study) is None  # N_TRIALS=2 are done
