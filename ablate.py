@@ -50,7 +50,7 @@ def rows() -> list[dict]:
     return single + both
 
 
-def run_row(row: dict, out_dir: Path) -> dict:
+def run_row(row: dict) -> dict:
     """Train one row over every fold (resuming if it was interrupted) and return its cv_metrics.json."""
     run_name = f"{RUN_NAME}/{row['name'].replace(' ', '').replace(',', '_').replace('+', '_')}"
     metrics_path = Path(OUTPUT_DIR) / "train_lite_model" / run_name / "cv_metrics.json"
@@ -82,7 +82,7 @@ def main() -> None:
         raise ConfigError("EXTRA is a list of arguments, e.g. --extra=\"['--preset=cpu']\"")
     out_dir = Path(OUTPUT_DIR) / "ablate" / RUN_NAME
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = [(row, run_row(row, out_dir)) for row in rows()]
+    results = [(row, run_row(row)) for row in rows()]
     protocol = (f"MultimodalFERLite, {N_FOLDS}-fold actor-disjoint CV over actors {ACTORS} ({DATASET}, visual input "
                 f"{VISUAL_INPUT}); validation actors from the training actors; extra args {list(EXTRA)}")
     table = markdown_table(results, protocol)

@@ -7,6 +7,8 @@
 """
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -43,6 +45,7 @@ class DataSettings:
     num_workers: int = 2
     seed: int = 0
     output_dir: str = "checkpoints"
+    prepare_workers: int = 0  # processes that preprocess the data into the cache on first use; 0 = one per CPU
 
 
 @dataclass
@@ -104,18 +107,30 @@ def prepare_data(settings: DataSettings) -> Path:
     _check(settings)
     root, cache, n_frames, size = cache_plan(settings)
     if settings.dataset == "synthetic":
-        if not (root / "done").exists():
-            print(f"generating the synthetic RAVDESS-format quick-start set in {root} ...")
-            make_synthetic_ravdess(root, actors=SYNTHETIC_ACTORS, seconds=3.6)
-            (root / "done").touch()
+        # The generated media only feed the cache: once it is complete they are deleted (the quick start would
+        # otherwise leave ~100 MB in the output folder), and regenerated, identical, only to rebuild the cache.
+        if _is_complete(cache):
+            return cache
+        print(f"generating the synthetic RAVDESS-format quick-start set in {root} ...")
+        # 16 kHz is the rate training uses: a 48 kHz wav would only triple the disk space.
+        make_synthetic_ravdess(root, actors=SYNTHETIC_ACTORS, seconds=3.6, sample_rate=16000)
     elif not root.exists():
         raise DataError(f"DATA_ROOT {root} does not exist (see README: Getting RAVDESS)")
     elif not root.is_dir():
         raise DataError(f"DATA_ROOT {root} is a file: give the folder that holds the RAVDESS files")
     # The cache always holds every modality the files have; MODALITIES only selects what the model sees.
     prepare_cache(root, cache, channel=settings.channel, n_frames=n_frames, size=size,
-                  workers=settings.num_workers or None)
+                  workers=settings.prepare_workers or None)
+    if settings.dataset == "synthetic":
+        shutil.rmtree(root)
     return cache
+
+
+def _is_complete(cache: Path) -> bool:
+    try:
+        return bool(json.loads((cache / "manifest.json").read_text()).get("complete"))
+    except (OSError, ValueError):
+        return False
 
 
 def cached_actors(cache: Path) -> list[int]:

@@ -44,20 +44,17 @@ def attend(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    key_padding_mask: torch.Tensor | None = None,
     need_weights: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Scaled dot-product attention over (B, H, L, Dh) tensors.
+    """Scaled dot-product attention over (B, H, L, Dh) tensors (every key is attended: a missing modality is a
+    learned token, not padding).
 
-    `key_padding_mask` is boolean (B, Lk), True where a key may be attended. The fast fused kernel is used for
-    training; the explicit float32 path is used only when the weights are asked for (visualisation, debugging).
+    The fast fused kernel is used for training; the explicit float32 path is used only when the weights are asked
+    for (visualisation, debugging).
     """
-    attn_mask = None if key_padding_mask is None else key_padding_mask[:, None, None, :]
     if not need_weights:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask), None
+        return F.scaled_dot_product_attention(q, k, v), None
     scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
     weights = scores.softmax(dim=-1)
     return (weights @ v.float()).to(v.dtype), weights
 

@@ -2,6 +2,7 @@
 preprocessing workers do not outlive their parent."""
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -75,3 +76,21 @@ def test_preprocessing_workers_end_with_a_killed_parent(synthetic_root, tmp_path
     while time.time() < deadline and any(_alive(pid) for pid in workers):
         time.sleep(0.1)
     assert not [pid for pid in workers if _alive(pid)]
+
+
+def test_quick_start_media_are_deleted_once_cached_and_preprocessing_has_its_own_worker_count(tmp_path,
+                                                                                              monkeypatch):
+    import data.setup as setup
+
+    calls = []
+    real_prepare = setup.prepare_cache
+    monkeypatch.setattr(setup, "SYNTHETIC_ACTORS", (1, 2))
+    monkeypatch.setattr(setup, "prepare_cache",
+                        lambda *args, **kwargs: calls.append(kwargs["workers"]) or real_prepare(*args, **kwargs))
+    # NUM_WORKERS=0 (DataLoader in the main process) must not mean "preprocess on every CPU".
+    settings = DataSettings(output_dir=str(tmp_path), num_workers=0, prepare_workers=1)
+    cache = prepare_data(settings)
+    assert calls == [1] and json.loads((cache / "manifest.json").read_text())["complete"]
+    assert not (tmp_path / "synthetic_ravdess").exists()  # ~100 MB of generated media not left behind
+    monkeypatch.setattr(setup, "make_synthetic_ravdess", lambda *a, **k: pytest.fail("regenerated"))
+    assert prepare_data(settings) == cache and calls == [1]
