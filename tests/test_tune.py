@@ -44,7 +44,7 @@ def recording_script(folder: Path, record: Path) -> Path:
 
 
 def train_args(root: Path, cache: Path, epochs: int) -> list[str]:
-    return [f"--dataset=ravdess", f"--data_root={root}", f"--cache_dir={cache}", "--modalities=audio",
+    return ["--dataset=ravdess", f"--data_root={root}", f"--cache_dir={cache}", "--modalities=audio",
             f"--epochs={epochs}", f"--patience={epochs}", "--batch_size=16", "--num_workers=0", "--device=cpu"]
 
 
