@@ -2,7 +2,7 @@
 
     settings = DataSettings(dataset="ravdess", data_root="../shared/data/ravdess_speech_16k", ...)
     cache = prepare_data(settings)                         # builds the cache on first use, then reuses it
-    split = make_split(actors, n_folds, fold, n_val_actors)
+    split = make_split(cache, actors, n_folds, fold, n_val_actors)
     loaders = build_loaders(cache, split, settings)        # .train .val .test .feature_dim .class_names
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ DEFAULT_FRAMES = {"ravdess": (16, 112), "synthetic": (8, 64)}
 class DataSettings:
     dataset: str = "synthetic"  # "synthetic" or "ravdess"
     data_root: str = "data/RAVDESS"
-    cache_dir: str = ""  # "" = <output_dir>/cache/<name of data_root>
+    cache_dir: str = ""  # "" = <output_dir>/cache/<name of data_root>_<frames>x<size> (cache_plan)
     channel: str = "speech"
     modalities: tuple[str, ...] = ("audio", "visual")
     visual_input: str = "frames"  # "frames" or "features"
