@@ -8,17 +8,26 @@ output, the step. Outputs go to checkpoints/debug_gradients/<RUN_NAME>/: module_
 and step), steps.jsonl (loss, global gradient norm, loss scale), figures/grad_norm_heatmap.png (modules x steps,
 log10 gradient norm) and report.txt.
 
+`--legacy_cause=NAME` recreates one plausible cause of the original 149M model's first-batch NaN (issue 12; the
+table in the README): the full model's legacy switches for it (with `--recipe=legacy` only) plus what the original
+model's weights or data held (with either recipe: emulated massive activations, a zero-padded clip, a silent clip,
+a missing modality, each made through data/preprocess.py the legacy or the stable way). `--legacy_cause=all` puts
+every cause in at once.
+
 `--replay=path/to/crash.pt` instead replays the batch of a crash dump written by a training script
 (`RunFolder.save_crash_dump`) on the model state saved with it, with hooks on every module, and names the first
 module that produced NaN/inf.
 
     python debug_gradients.py --model=full --recipe=legacy --steps=30
+    python debug_gradients.py --recipe=legacy --legacy_cause=mask_fill --steps=1
+    python debug_gradients.py --recipe=stable --legacy_cause=all --steps=300
     python debug_gradients.py --model=lite --data=cache --cache_dir=cache/ravdess --steps=50
     python debug_gradients.py --replay=checkpoints/train_full_model/run1/crash/crash.pt
 Colab: `!python debug_gradients.py --model=full --recipe=legacy --model_size=real --device=cuda`
 """
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import math
@@ -27,12 +36,16 @@ import textwrap
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
+import soundfile as sf
 import torch
 from torch.utils.data import DataLoader
 from torch.utils.hooks import RemovableHandle
 
 import models
 from data.dataset import RavdessDataset
+from data.preprocess import NoSound, Settings, audio_features, fix_length, log_mel, read_audio
+from models.lfm2 import LFM2Stack
 from data.ravdess import DataError
 from data.synthetic import make_synthetic_cache
 from training.checkpoint import load_checkpoint, rebuild_model
@@ -55,6 +68,7 @@ WARMUP_STEPS = None  # None: the recipe's linear warmup length, in steps
 CLIP_NORM = None  # None: the recipe's global gradient-norm clip (0 turns clipping off)
 QK_NORM = None  # None: the recipe's (full model only)
 WEIGHT_DECAY = 0.01
+LEGACY_CAUSE = ""  # "" none | a name in LEGACY_CAUSES | "all" (full model only)
 # --- data ---
 DATA = "synthetic"  # synthetic: a small rendered cache (64 clips) | cache: a cache written by data/prepare_ravdess.py
 CACHE_DIR = "checkpoints/cache/RAVDESS"  # used when DATA == "cache"
@@ -83,6 +97,31 @@ RECIPES = {
     "stable": {"init": "scaled_residual", "lr": 1e-4, "warmup_steps": 10, "clip_norm": 1.0, "qk_norm": True,
                "amp_dtype": "float16"},
 }
+# The plausible causes of the original first-batch NaN (issue 12). "legacy": the full model's constructor switches
+# that recreate what the original did (applied with RECIPE="legacy" only). "present": what the original's weights
+# held (applied with both recipes: the stable recipe must survive it). "inputs": clips put into every batch, made
+# through data/preprocess.py the legacy way or the stable way (`cause_batches`).
+MASSIVE_ACTIVATIONS = 10000.0  # knob of the emulated massive activations (see models.lfm2.plant_massive_activations)
+LEGACY_CAUSES = {
+    # A bfloat16-trained model's massive activations: its MLP product overflows float16.
+    "massive_activations": {"legacy": {"float32_mlp_product": False},
+                            "present": {"massive_activations": MASSIVE_ACTIVATIONS}},
+    # The same activations through norms computed in float16 (a model loaded in float16).
+    "float16_norms": {"legacy": {"float32_norms": False, "float32_residual": False},
+                      "present": {"massive_activations": MASSIVE_ACTIVATIONS}},
+    # Each layer called three times in a row, float16 residual stream as in the original.
+    "repeated_layer_calls": {"legacy": {"repeat_layer_calls": 3, "float32_residual": False}},
+    # Hugging Face LFM2's causal attention + a missing modality masked with -1e9 added in float16.
+    "mask_fill": {"legacy": {"causal_attention": True, "attention_mask_fill": -1e9},
+                  "inputs": ("missing_audio", "missing_visual")},
+    # A clip shorter than the window, zero-padded, log-mel without eps: log(0) = -inf.
+    "log_of_zero": {"inputs": ("zero_padded_audio",)},
+    # A silent clip standardised per clip: (x - mean) / std = 0 / 0.
+    "silent_clip": {"inputs": ("silent_audio",)},
+}
+# The sample of every batch that each input replaces (a batch needs at least 4 samples).
+INPUT_SLOTS = {"zero_padded_audio": 0, "silent_audio": 1, "missing_audio": 2, "missing_visual": 3}
+
 # Small widths for a CPU. The full model keeps LFM2's 16-block layout (6 attention blocks), its head size (64: the
 # attention logits' scale depends on it), the 3:1 ratio of query to key/value heads and the MLP ratio.
 SMALL_CONFIGS = {
@@ -99,14 +138,107 @@ def recipe_value(name: str, override: object) -> object:
     return RECIPES[RECIPE][name] if override is None else override
 
 
+def legacy_cause(name: str) -> dict:
+    """The cause `name` ("all": every cause merged) as {"legacy": {...}, "present": {...}, "inputs": (...)}."""
+    if name == "all":
+        causes = list(LEGACY_CAUSES.values())
+    elif name in LEGACY_CAUSES:
+        causes = [LEGACY_CAUSES[name]]
+    else:
+        close = difflib.get_close_matches(name, list(LEGACY_CAUSES), n=1)
+        raise ConfigError(f"LEGACY_CAUSE='{name}': choose all or one of {', '.join(LEGACY_CAUSES)}"
+                          + (f" (did you mean {close[0]}?)" if close else ""))
+    merged: dict = {"legacy": {}, "present": {}, "inputs": ()}
+    for cause in causes:
+        merged["legacy"].update(cause.get("legacy", {}))
+        merged["present"].update(cause.get("present", {}))
+        merged["inputs"] += tuple(i for i in cause.get("inputs", ()) if i not in merged["inputs"])
+    return merged
+
+
+def cause_model_config(name: str, legacy: bool) -> dict:
+    """The full model's constructor switches of cause `name` under the legacy (or the stable) recipe."""
+    if not name:
+        return {}
+    cause = legacy_cause(name)
+    return {**cause["present"], **(cause["legacy"] if legacy else {})}
+
+
 def model_config(dataset: RavdessDataset) -> dict:
     if MODEL_SIZE not in ("small", "real"):
         raise ConfigError(f"MODEL_SIZE='{MODEL_SIZE}': choose small or real")
+    if LEGACY_CAUSE and MODEL != "full":
+        raise ConfigError(f"LEGACY_CAUSE is for the full model, not MODEL='{MODEL}'")
     config = dict(SMALL_CONFIGS.get(MODEL, {})) if MODEL_SIZE == "small" else {}
     config.update(visual_input=VISUAL_INPUT, feature_dim=dataset.feature_dim or 35)
     if MODEL == "full":
         config["qk_norm"] = recipe_value("qk_norm", QK_NORM)
+        config.update(cause_model_config(LEGACY_CAUSE, RECIPE == "legacy"))
     return {**config, **MODEL_CONFIG}
+
+
+# ------------------------------------------------------------------------------------------- legacy inputs
+def short_recording(seconds: float = 1.0, sample_rate: int = 16000) -> np.ndarray:
+    """A voiced sound (harmonics of 150 Hz with a little noise) shorter than the clip window."""
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    wave = sum(np.sin(2 * np.pi * 150 * k * t) / k for k in range(1, 6))
+    return (0.1 * wave + 0.01 * np.random.default_rng(0).standard_normal(len(t))).astype(np.float32)
+
+
+def standardise_per_clip(logmel: np.ndarray) -> np.ndarray:
+    """The legacy per-clip standardisation of a log-mel: 0 / 0 = NaN for a silent clip, whose log-mel is
+    constant. (The stable AudioEncoder standardises with BatchNorm over the batch, never per clip.)"""
+    with np.errstate(invalid="ignore", divide="ignore"):  # the NaN is what this legacy step is kept to show
+        return (logmel - logmel.mean()) / logmel.std()
+
+
+def input_logmel(kind: str, n_frames: int, legacy: bool, folder: Path) -> np.ndarray | None:
+    """(n_mels, n_frames) log-mel of the clip `kind` ("zero_padded_audio" or "silent_audio"), written to a wav in
+    `folder` and read back. Legacy: read, pad, log-mel without eps (+ per-clip standardisation for the silent
+    clip). Stable: `data.preprocess.audio_features`, the cache writer's path (silence -> audio absent: None;
+    eps; non-finite values refused)."""
+    settings = Settings()
+    n_samples = (n_frames - 1) * settings.hop  # a centred STFT gives 1 + n_samples // hop frames
+    wave = short_recording() if kind == "zero_padded_audio" else np.zeros(n_samples, dtype=np.float32)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{kind}.wav"
+    sf.write(path, wave, settings.sample_rate, subtype="FLOAT")
+    if not legacy:
+        try:
+            return audio_features(path, Settings(seconds=n_samples / settings.sample_rate))
+        except NoSound:
+            return None
+    mel = log_mel(fix_length(read_audio(path), n_samples), settings, eps=0.0)
+    return standardise_per_clip(mel) if kind == "silent_audio" else mel
+
+
+def cause_batches(batches: Iterable[dict], inputs: Iterable[str], legacy: bool, folder: Path) -> Iterator[dict]:
+    """`batches` with the inputs of a legacy cause in the samples of INPUT_SLOTS: a clip's audio replaced by the
+    log-mel `input_logmel` makes, or a modality marked missing (its tensor zeroed, as the dataset does)."""
+    inputs = tuple(inputs)
+    made: dict[tuple[str, int], np.ndarray | None] = {}
+    for batch in batches:
+        batch = dict(batch, has_audio=batch["has_audio"].clone(), has_visual=batch["has_visual"].clone(),
+                     audio=batch["audio"].clone())
+        if len(batch["label"]) < len(INPUT_SLOTS):
+            raise ConfigError(f"a legacy cause needs BATCH_SIZE >= {len(INPUT_SLOTS)}")
+        for kind in inputs:
+            slot = INPUT_SLOTS[kind]
+            if kind in ("missing_audio", "missing_visual"):
+                modality = kind.split("_")[1]
+                batch[f"has_{modality}"][slot] = False
+                key = "audio" if modality == "audio" else VISUAL_INPUT
+                if key in batch:
+                    batch[key] = batch[key].clone()
+                    batch[key][slot] = 0.0
+                continue
+            n_frames = batch["audio"].shape[-1]
+            if (kind, n_frames) not in made:
+                made[kind, n_frames] = input_logmel(kind, n_frames, legacy, folder)
+            mel = made[kind, n_frames]
+            batch["has_audio"][slot] = mel is not None
+            batch["audio"][slot] = 0.0 if mel is None else torch.from_numpy(mel)[None]
+        yield batch
 
 
 def make_dataset() -> RavdessDataset:
@@ -246,18 +378,43 @@ def write_outputs(run: RunFolder, monitor: ModuleMonitor, steps: list[dict], hea
 
 
 # -------------------------------------------------------------------------------------------------- modes
-def watch_fusion(model: torch.nn.Module) -> tuple[list[dict], RemovableHandle | None]:
-    """For a fusion stack with `activation_stats` (the full model's LFM2 stack): a hook that records, at each
-    forward, the largest attention logit of each attention block and the largest residual-stream value after each
-    block, the quantities whose growth precedes a float16 overflow. Other models: nothing is registered."""
+def watch_fusion(model: torch.nn.Module) -> tuple[dict[str, float], list[RemovableHandle]]:
+    """For the full model's LFM2 stack: hooks that record, from the training forward itself, the largest |value|
+    of the residual stream after each block (`block{i}.act_max`, and per call `block{i}.call{c}.act_max` when
+    blocks are repeated) and the largest |attention logit| of each attention block (`block{i}.attn_logit_max`),
+    the quantities whose growth precedes a float16 overflow. The caller clears the dict each step. Other models:
+    nothing is registered."""
     fusion = getattr(model, "fusion", None)
-    if not hasattr(fusion, "activation_stats"):
-        return [], None
-    records: list[dict] = []
+    if not isinstance(fusion, LFM2Stack):
+        return {}, []
+    stats: dict[str, float] = {}
 
-    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-        records.append(module.activation_stats(*args))
-    return records, fusion.register_forward_hook(hook)
+    def keep_max(key: str, value: float) -> None:
+        stats[key] = max(stats.get(key, value), value)
+
+    def block_hook(index: int):
+        def hook(module: torch.nn.Module, args: tuple, output: tuple) -> None:
+            calls = stats.setdefault(f"block{index}.calls", 0)
+            stats[f"block{index}.calls"] = calls + 1
+            value = output[0].detach().float().abs().max().item()
+            keep_max(f"block{index}.act_max", value)
+            if fusion.repeat_calls > 1:
+                keep_max(f"block{index}.call{calls % fusion.repeat_calls}.act_max", value)
+        return hook
+
+    def logit_hook(index: int):
+        def hook(module: torch.nn.Module, args: tuple, output: tuple) -> None:
+            q, k = args[0].detach().float(), args[1].detach().float()
+            logits = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
+            keep_max(f"block{index}.attn_logit_max", logits.abs().max().item())
+        return hook
+
+    handles = []
+    for index, block in enumerate(fusion.blocks):
+        handles.append(block.register_forward_hook(block_hook(index)))
+        if block.kind == "attn":
+            handles.append(block.operator.attention.register_forward_hook(logit_hook(index)))
+    return stats, handles
 
 
 def print_step(record: dict) -> None:
@@ -274,7 +431,7 @@ def watch(model: torch.nn.Module, batches: Iterable[dict], runtime: Runtime, lr:
     optimizer = make_optimizer(model, lr, weight_decay)
     scaler = runtime.make_scaler()
     steps: list[dict] = []
-    fusion_stats, fusion_hook = watch_fusion(model)
+    fusion_stats, fusion_hooks = watch_fusion(model)
     with ModuleMonitor(model) as monitor:
         for step, batch in enumerate(batches):
             fusion_stats.clear()
@@ -289,13 +446,13 @@ def watch(model: torch.nn.Module, batches: Iterable[dict], runtime: Runtime, lr:
             except NonFiniteLossError as err:
                 steps.append({"step": step, "loss": err.loss, "grad_norm": math.nan, "scale": monitor.loss_scale,
                               "skipped": True})
-            steps[-1].update(fusion_stats[0] if fusion_stats else {})
+            steps[-1].update({k: v for k, v in fusion_stats.items() if not k.endswith(".calls")})
             if on_step is not None:
                 on_step(steps[-1])
             if monitor.first_non_finite() is not None or not math.isfinite(steps[-1]["loss"]):
                 break
-    if fusion_hook is not None:
-        fusion_hook.remove()
+    for handle in fusion_hooks:
+        handle.remove()
     return monitor, steps
 
 
@@ -308,13 +465,21 @@ def watch_training(run: RunFolder, runtime: Runtime) -> str:
     model.to(runtime.device).train()
     lr, warmup = recipe_value("lr", LR), recipe_value("warmup_steps", WARMUP_STEPS)
     clip = recipe_value("clip_norm", CLIP_NORM)
-    monitor, steps = watch(model, make_batches(dataset, STEPS), runtime, lr, warmup, clip, WEIGHT_DECAY,
-                           on_step=print_step)
+    batches = make_batches(dataset, STEPS)
+    if LEGACY_CAUSE:
+        batches = cause_batches(batches, legacy_cause(LEGACY_CAUSE)["inputs"], RECIPE == "legacy",
+                                run.dir / "inputs")
+    monitor, steps = watch(model, batches, runtime, lr, warmup, clip, WEIGHT_DECAY, on_step=print_step)
     params = sum(p.numel() for p in model.parameters())
     header = [f"{MODEL} model ({MODEL_SIZE}, {params / 1e6:.2f}M parameters), {RECIPE} recipe: init "
               f"{recipe_value('init', INIT)}, LR {lr:g}, warmup {warmup} steps, clip "
               f"{clip or 'off'}" + (f", QK-norm {config['qk_norm']}" if "qk_norm" in config else ""),
               f"{runtime.describe()}; data {DATA}, batch {BATCH_SIZE}; {len(steps)} of {STEPS} steps run"]
+    if LEGACY_CAUSE:
+        cause = legacy_cause(LEGACY_CAUSE)
+        switches = cause_model_config(LEGACY_CAUSE, RECIPE == "legacy")
+        header.append(f"legacy cause {LEGACY_CAUSE}: model switches {switches}, inputs {list(cause['inputs'])} "
+                      f"made the {RECIPE} way")
     return write_outputs(run, monitor, steps, header)
 
 

@@ -185,12 +185,13 @@ def _mel_transform(sample_rate: int, n_fft: int, hop: int, n_mels: int) -> torch
                                                 power=2.0)
 
 
-def log_mel(wave: np.ndarray, settings: Settings = Settings()) -> np.ndarray:
-    """float32 (n_mels, T) = log(mel power + 1e-6) of a 16 kHz mono wave already cut to the clip window."""
+def log_mel(wave: np.ndarray, settings: Settings = Settings(), eps: float = LOG_EPS) -> np.ndarray:
+    """float32 (n_mels, T) = log(mel power + eps) of a 16 kHz mono wave already cut to the clip window.
+    (`eps=0` is the legacy pipeline of issue 12: -inf wherever the window is digital silence or zero padding.)"""
     mel = _mel_transform(settings.sample_rate, settings.n_fft, settings.hop, settings.n_mels)
     with torch.no_grad():
         power = mel(torch.from_numpy(np.ascontiguousarray(wave, dtype=np.float32)))
-    return torch.log(power + LOG_EPS).numpy().astype(np.float32)
+    return torch.log(power + eps).numpy().astype(np.float32)
 
 
 def read_sound(path: Path, settings: Settings) -> np.ndarray:

@@ -5,13 +5,17 @@
     concatenated 2S tokens -> LFM2 stack -> attention pool -> classifier -> (B, 8) logits
 
 Each token's rotary position is its time-segment index, so `audio_i` and `visual_i` (the same stretch of the clip)
-share a position and attention sees audio-visual time offsets directly. A missing modality, or one dropped by
-modality dropout in training, is a learned placeholder (S, width) that never goes through the encoder.
+share a position and attention sees audio-visual time offsets directly. The short convolutions run over each
+modality's tokens separately (`conv_per_modality`), so their kernel only mixes tokens that are neighbours in time.
+A missing modality, or one dropped by modality dropout in training, is a learned placeholder (S, width) that never
+goes through the encoder.
 
-The original 149M model produced NaN from the first batch; what this version does about it (see
-`benchmarks/legacy_instability.py` for the study): float32 norms and softmax, QK-norm (`qk_norm=False` rebuilds the
-legacy recipe), no additive masks, depth-scaled or zero-initialised residual output projections (`init_weights`),
-and a float32 residual stream.
+The original 149M model produced NaN from the first batch; what this version does about it (README, "The original
+first-batch NaN"; `debug_gradients.py --legacy_cause=...` reproduces each cause): float32 norms and softmax,
+QK-norm, no additive masks, bidirectional attention, each block called once, the SwiGLU product in float32 under
+float16 autocast, depth-scaled or zero-initialised residual output projections (`init_weights`), and a float32
+residual stream. Every one of these has a legacy switch among the constructor's arguments (the block after
+`num_classes`); `massive_activations` plants the large activations of a bfloat16-trained model in the weights.
 
 `gradient_checkpointing` recomputes each fusion block in backward. The encoders are not checkpointed: recomputing
 a whole encoder brings all of its activations back at once during its backward, so the peak would barely drop,
@@ -28,13 +32,14 @@ from models.encoders import (AttentionPool, AudioEncoder, FeatureEncoder, FrameE
                              encode_present)
 from models.init import apply_init
 from models.layers import AttentionMap, count_parameters, modality_token_labels
-from models.lfm2 import LFM2Stack
+from models.lfm2 import LFM2Stack, plant_massive_activations
 
 MODALITIES = ("audio", "visual")
 VISUAL_INPUTS = ("frames", "features")
 # LFM2-350M's block layout: 16 blocks, attention in 6 of them (2, 5, 8, 10, 12, 14), the short convolution elsewhere.
 LFM2_LAYOUT = ("conv", "conv", "attn", "conv", "conv", "attn", "conv", "conv",
                "attn", "conv", "attn", "conv", "attn", "conv", "attn", "conv")
+MASSIVE_BLOCK = 1  # the block whose MLP writes emulated massive activations (LLMs grow them in their first blocks)
 
 
 class MultimodalFER(nn.Module):
@@ -59,9 +64,19 @@ class MultimodalFER(nn.Module):
         rope_base: float = 10000.0,
         dropout: float = 0.1,
         encoder_dropout: float = 0.1,
+        feature_noise: float = 0.1,
         modality_dropout: float = 0.0,
         gradient_checkpointing: bool = False,
         num_classes: int = 8,
+        conv_per_modality: bool = True,
+        # Legacy switches (issue 12): the stable value first; see models/lfm2.py for what each does.
+        float32_residual: bool = True,
+        float32_norms: bool = True,
+        float32_mlp_product: bool = True,
+        repeat_layer_calls: int = 1,
+        causal_attention: bool = False,
+        attention_mask_fill: float | None = None,
+        massive_activations: float = 0.0,
     ):
         super().__init__()
         modalities = tuple(modalities)
@@ -78,11 +93,18 @@ class MultimodalFER(nn.Module):
             "frame_backbone": frame_backbone, "pretrained": pretrained, "frame_input_size": frame_input_size,
             "layout": layout, "n_heads": n_heads, "n_kv_heads": n_kv_heads, "mlp_hidden": mlp_hidden,
             "conv_kernel": conv_kernel, "conv_padding": conv_padding, "qk_norm": qk_norm, "rope_base": rope_base,
-            "dropout": dropout, "encoder_dropout": encoder_dropout, "modality_dropout": modality_dropout,
+            "dropout": dropout, "encoder_dropout": encoder_dropout, "feature_noise": feature_noise,
+            "modality_dropout": modality_dropout,
             "gradient_checkpointing": gradient_checkpointing, "num_classes": num_classes,
+            "conv_per_modality": conv_per_modality, "float32_residual": float32_residual,
+            "float32_norms": float32_norms, "float32_mlp_product": float32_mlp_product,
+            "repeat_layer_calls": repeat_layer_calls, "causal_attention": causal_attention,
+            "attention_mask_fill": attention_mask_fill, "massive_activations": massive_activations,
         }
         self.modalities, self.visual_input, self.n_segments = modalities, visual_input, n_segments
         self.modality_dropout = modality_dropout
+        self.float32_residual, self.attention_mask_fill = float32_residual, attention_mask_fill
+        self.massive_activations = massive_activations
         if "audio" in modalities:
             self.audio_encoder = AudioEncoder(width, channels=tuple(audio_channels), n_tokens=n_segments,
                                               dropout=encoder_dropout)
@@ -92,13 +114,19 @@ class MultimodalFER(nn.Module):
                 self.visual_encoder = FrameEncoder(width, frame_backbone, pretrained, n_tokens=n_segments,
                                                    input_size=frame_input_size, dropout=encoder_dropout)
             else:
-                self.visual_encoder = FeatureEncoder(feature_dim, width, n_tokens=n_segments, dropout=encoder_dropout)
+                self.visual_encoder = FeatureEncoder(feature_dim, width, n_tokens=n_segments, dropout=encoder_dropout,
+                                                     input_noise=feature_noise)
             self.visual_missing = nn.Parameter(torch.randn(n_segments, width) * 0.02)
         self.modality_embedding = nn.Parameter(torch.randn(len(modalities), width) * 0.02)
         self.fusion = LFM2Stack(width, layout, n_heads, n_kv_heads, mlp_hidden, conv_kernel, conv_padding,
-                                qk_norm, dropout, rope_base, gradient_checkpointing)
+                                qk_norm, dropout, rope_base, gradient_checkpointing,
+                                conv_sequences=len(modalities) if conv_per_modality else 1,
+                                repeat_calls=repeat_layer_calls, causal_attention=causal_attention,
+                                mask_fill=attention_mask_fill, float32_norms=float32_norms,
+                                float32_mlp_product=float32_mlp_product)
         self.pool = AttentionPool(width)
         self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes))
+        self._plant_massive_activations()
 
     # ------------------------------------------------------------------------------------------- tokens
     def _present(self, batch: dict, modality: str, reference: torch.Tensor) -> torch.Tensor:
@@ -125,6 +153,11 @@ class MultimodalFER(nn.Module):
 
     def tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
         """Joint token sequence (B, L, width) before fusion, each token's rotary position, and token labels."""
+        x, positions, labels, _ = self._tokens_and_mask(batch)
+        return x, positions, labels
+
+    def _tokens_and_mask(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor | None]:
+        """`tokens`, and the key mask (B, L) of the legacy masked attention (None in the stable model)."""
         inputs = {}
         for modality in self.modalities:
             key = self._modality(modality)[2]
@@ -136,26 +169,32 @@ class MultimodalFER(nn.Module):
         for index, modality in enumerate(self.modalities):
             encoder, placeholder, _ = self._modality(modality)
             encoded = encode_present(encoder, inputs[modality], present[modality], placeholder)
-            # The residual stream stays float32 under autocast (the matmuls inside the blocks still run in half
-            # precision): sixteen residual additions in float16 is where activations would first overflow.
-            parts.append(encoded.float() + self.modality_embedding[index])
+            if self.float32_residual:
+                # The residual stream stays float32 under autocast (the matmuls inside the blocks still run in half
+                # precision): sixteen residual additions in float16 is where activations would first overflow.
+                parts.append(encoded.float() + self.modality_embedding[index])
+            else:  # legacy: the stream keeps the projections' dtype (float16 under autocast), as the original did
+                parts.append(encoded + self.modality_embedding[index].to(encoded.dtype))
         x = torch.cat(parts, dim=1)
         positions = torch.arange(self.n_segments, device=x.device).repeat(len(parts))
         n_audio = self.n_segments if "audio" in self.modalities else 0
         n_visual = self.n_segments if "visual" in self.modalities else 0
-        return x, positions, modality_token_labels(n_audio, n_visual)
+        key_mask = None
+        if self.attention_mask_fill is not None:  # legacy: a missing modality's tokens are masked out of attention
+            key_mask = torch.cat([present[m][:, None].expand(-1, self.n_segments) for m in self.modalities], dim=1)
+        return x, positions, modality_token_labels(n_audio, n_visual), key_mask
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict) -> torch.Tensor:
-        x, positions, _ = self.tokens(batch)
-        return self.classifier(self.pool(self.fusion(x, positions)))
+        x, positions, _, key_mask = self._tokens_and_mask(batch)
+        return self.classifier(self.pool(self.fusion(x, positions, key_mask)))
 
     @torch.no_grad()
     def attention_maps(self, batch: dict) -> list[AttentionMap]:
         """Weights of every attention block of the fusion stack, then of the pooling query over the tokens."""
-        x, positions, labels = self.tokens(batch)
-        maps = self.fusion.attention_maps(x, labels, positions, prefix="fusion.blocks")
-        _, weights = self.pool(self.fusion(x, positions), return_weights=True)
+        x, positions, labels, key_mask = self._tokens_and_mask(batch)
+        maps = self.fusion.attention_maps(x, labels, positions, prefix="fusion.blocks", key_mask=key_mask)
+        _, weights = self.pool(self.fusion(x, positions, key_mask), return_weights=True)
         maps.append(AttentionMap("pool", weights, ["pool_query"], list(labels)))
         return maps
 
@@ -170,6 +209,12 @@ class MultimodalFER(nn.Module):
         keep_backbone = isinstance(visual, FrameEncoder) and visual.pretrained
         for name, child in self.named_children():
             apply_init(child.proj if name == "visual_encoder" and keep_backbone else child, strategy, gain, depth)
+        self._plant_massive_activations()
+
+    def _plant_massive_activations(self) -> None:
+        """Emulated massive activations (the `massive_activations` switch) survive any re-initialisation."""
+        if self.massive_activations:
+            plant_massive_activations(self.fusion.blocks[MASSIVE_BLOCK].mlp, self.massive_activations)
 
     def parameter_breakdown(self) -> dict[str, int]:
         """Parameter count per component (the learned missing-modality tokens count under `embeddings`)."""

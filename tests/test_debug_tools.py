@@ -108,7 +108,8 @@ def test_monitor_registers_nothing_until_used_and_removes_every_hook():
         nn.functional.cross_entropy(model(tiny_batch()), tiny_batch()["label"]).backward()
     assert hook_count(model) == 0
     recorded = monitor.rows()
-    assert {"(model)", "classifier.1", "audio_encoder.1.0"} <= {r["module"] for r in recorded}
+    names = {r["module"] for r in recorded}
+    assert {"(model)", "classifier.1"} <= names and any(name.startswith("audio_encoder.") for name in names)
     assert all(r["act_non_finite"] == 0 for r in recorded) and recorded[0]["out_grad_norm"] > 0
     model(tiny_batch()).sum().backward()  # nothing left behind records anything
     assert monitor.rows() == recorded
