@@ -266,13 +266,15 @@ def make_batches(dataset: RavdessDataset, n_batches: int) -> Iterator[dict]:
 
 
 # ------------------------------------------------------------------------------------------------- outputs
-def plot_heatmap(monitor: ModuleMonitor, path: Path, title: str, max_modules: int) -> Path | None:
-    """Modules x steps, log10 of each module's own parameter-gradient norm; non-finite cells in red, zero or
-    absent gradients blank."""
+def heatmap_figure(monitor: ModuleMonitor, title: str, max_modules: int):
+    """The heatmap figure (matplotlib), or None without gradients: modules x steps, log10 of each module's own
+    parameter-gradient norm; non-finite cells in red, zero or absent gradients blank.
+
+    The figure is sized from its contents (label length, modules, steps) and laid out by matplotlib's constrained
+    layout, with the legend below the plot, so the title, the module names and the first row stay visible."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     names, steps, values = monitor.grad_norm_matrix("grad_norm")
     if not names:
@@ -287,19 +289,30 @@ def plot_heatmap(monitor: ModuleMonitor, path: Path, title: str, max_modules: in
     bad = ~np.isfinite(matrix) & ~missing
     with np.errstate(divide="ignore", invalid="ignore"):
         logs = np.log10(np.where(np.isfinite(matrix) & (matrix > 0), matrix, np.nan))
-    fig, ax = plt.subplots(figsize=(min(4 + 0.25 * len(steps), 18), min(2 + 0.16 * len(names), 40)))
+    # 6-point labels are ~0.05 inch per character; the cells get 0.25 inch per step and 0.13 inch per module.
+    label_width = 0.05 * max(len(name) for name in names)
+    width = min(label_width + 2.5 + max(0.25 * len(steps), 3.0), 24)
+    fig, ax = plt.subplots(figsize=(width, min(2.5 + 0.13 * len(names), 60)), layout="constrained")
     image = ax.imshow(logs, aspect="auto", cmap="viridis", interpolation="nearest")
     rows, cols = np.nonzero(bad)
     if len(rows):
-        ax.scatter(cols, rows, marker="s", color="red", s=12, label="non-finite (incl. float16 overflows that the "
-                                                                   "GradScaler skipped)")
-        ax.legend(loc="upper right", fontsize=7)
+        ax.scatter(cols, rows, marker="s", color="red", s=12,
+                   label="non-finite (incl. float16 overflows that the GradScaler skipped)")
+        fig.legend(loc="outside lower center", fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=6)
     ax.set_xticks(range(len(steps)), steps, fontsize=7)
     ax.set_xlabel("step")
-    ax.set_title(textwrap.fill(title, 90), fontsize=8)
+    ax.set_title(textwrap.fill(title, max(40, int(width * 14))), fontsize=8)
     fig.colorbar(image, ax=ax, label="log10 gradient norm (true scale)", fraction=0.04)
-    fig.tight_layout()
+    return fig
+
+
+def plot_heatmap(monitor: ModuleMonitor, path: Path, title: str, max_modules: int) -> Path | None:
+    """`heatmap_figure` saved as a PNG at `path`; None when there was no gradient to show."""
+    fig = heatmap_figure(monitor, title, max_modules)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

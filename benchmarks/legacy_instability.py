@@ -9,7 +9,10 @@ Per step it prints the loss, the true-scale gradient norm (before clipping), the
 GradScaler skipped the step, the largest |activation| of any fusion module (float16 outputs under autocast, read
 by `training.monitor.ModuleMonitor`), the largest |attention logit| (`LFM2Stack.activation_stats`), the L2 norm
 of the fusion weights after the step, and whether anything went non-finite (and where first). A float32 probe of
-the full-size model at init then shows how far its activations and logits are from float16's limit (65504).
+the full-size model at init then shows how far its activations and logits are from float16's limit (65504), and
+a probe of the original fusion's size (width 1536, six LFM2 layers) measures how the float16 residual stream grows
+when each layer is called one, two or three times in a row (issue 12), with and without emulated massive
+activations.
 
 The recipes differ only in what a recipe controls: the architecture's own safeguards (float32 norms, softmax and
 residual stream, boolean masks, learned missing-modality tokens) are in place in both.
@@ -31,7 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python benchmarks/...` from anywhere
 
-from models.full import MultimodalFER  # noqa: E402
+from models.full import MASSIVE_BLOCK, MultimodalFER  # noqa: E402
+from models.lfm2 import LFM2Stack, plant_massive_activations  # noqa: E402
 from training.config import ConfigError, run_script  # noqa: E402
 from training.monitor import ModuleMonitor  # noqa: E402
 from training.runtime import setup_runtime  # noqa: E402
@@ -61,6 +65,14 @@ DEVICE = "cpu"  # cpu | cuda | auto
 AMP_DTYPE = "float16"  # the legacy precision; float32 shows the same recipes without half-precision effects
 SEED = 0
 FULL_SIZE_PROBE = True  # also one float32 forward of the 150M model at init, legacy vs stable
+# --- repeated layer calls at the original fusion's size: LFM2-700M's width and heads, the first six of its layers
+REPEAT_PROBE = True
+ORIGINAL_WIDTH = 1536
+ORIGINAL_HEADS, ORIGINAL_KV_HEADS = 24, 8  # head size 64
+ORIGINAL_MLP_HIDDEN = 4608  # assumed (LFM2's auto-adjusted feed-forward size); the growth hardly depends on it
+ORIGINAL_LAYOUT = ("conv", "conv", "attn", "conv", "conv", "attn")
+MAX_REPEAT = 3  # the original called each layer two or three times
+MASSIVE_LEVELS = (0.0, 1000.0, 10000.0)  # emulation knob (models.lfm2.plant_massive_activations); debug: 10000
 
 FP16_MAX = torch.finfo(torch.float16).max
 RECIPE_KEYS = {"init", "qk_norm", "lr", "warmup_steps", "clip_norm"}
@@ -201,7 +213,43 @@ def full_size_probe() -> None:
               f" (fp16 max {FP16_MAX:.0f})")
 
 
+@torch.no_grad()
+def repeat_probe() -> None:
+    """Largest |value| and RMS of the float16 residual stream after the last of six LFM2 layers at width 1536, each
+    layer called 1..MAX_REPEAT times (causal convolution and attention, QK-norm, as Hugging Face's LFM2), under
+    float16 autocast; PyTorch's default init (no LFM2 weights here), without and with emulated massive
+    activations. With them the MLP product runs in float32 here, so that only the residual stream can overflow
+    (in float16 the product itself overflows first: debug_gradients.py --legacy_cause=massive_activations)."""
+    device = torch.device("cpu" if DEVICE == "auto" else DEVICE)
+    tokens = torch.randn(2, 16, ORIGINAL_WIDTH, generator=torch.Generator().manual_seed(SEED)).to(device)
+    print(f"\n== repeated layer calls: width {ORIGINAL_WIDTH}, {len(ORIGINAL_LAYOUT)} layers, float16 residual "
+          f"stream under float16 autocast, 2 x 16 unit-RMS tokens")
+    print(f"{'massive':>8} {'calls':>5} {'max |x|':>10} {'RMS':>8} {'RMS/input':>9}  non-finite (share)")
+    for massive in MASSIVE_LEVELS:
+        for calls in range(1, MAX_REPEAT + 1):
+            torch.manual_seed(SEED)
+            stack = LFM2Stack(ORIGINAL_WIDTH, ORIGINAL_LAYOUT, ORIGINAL_HEADS, ORIGINAL_KV_HEADS, ORIGINAL_MLP_HIDDEN,
+                              conv_padding="causal", causal_attention=True, float32_mlp_product=bool(massive),
+                              repeat_calls=calls).to(device)
+            if massive:
+                plant_massive_activations(stack.blocks[MASSIVE_BLOCK].mlp, massive)
+            with torch.autocast(device.type, dtype=torch.float16):
+                x, rope = tokens.half(), stack._rope(tokens, None)
+                for block in stack.blocks:
+                    for _ in range(calls):
+                        x = block(x, rope)[0]
+            finite = torch.isfinite(x)
+            values = x.float()[finite]
+            largest = values.abs().max().item() if values.numel() else math.nan
+            rms = values.pow(2).mean().sqrt().item() if values.numel() else math.nan
+            share = 1 - finite.float().mean().item()
+            print(f"{massive:>8g} {calls:>5d} {largest:>10.4g} {rms:>8.4g} "
+                  f"{rms / tokens.pow(2).mean().sqrt().item():>9.3g}  {share:.1%}", flush=True)
+
+
 def main() -> None:
+    if REPEAT_PROBE:
+        repeat_probe()
     runtime = setup_runtime(DEVICE, AMP_DTYPE, SEED)
     batches = synthetic_batches(SEED)
     results = [run_recipe("legacy", LEGACY, batches, runtime), run_recipe("stable", STABLE, batches, runtime)]

@@ -186,6 +186,27 @@ def test_replay_of_a_crash_dump_names_the_first_non_finite_module(tmp_path, monk
     assert "forward of visual_encoder.4" in capsys.readouterr().out
 
 
+def test_heatmap_shows_its_title_every_label_and_the_first_row(monkeypatch):
+    """Issue 10 item 14: the title and the module names were cut off and the legend hid the first row."""
+    monitor = ModuleMonitor(nn.Linear(2, 2))
+    names = [f"visual_encoder.backbone.blocks.{i}.shortcut.{i % 3}.very_long_module_name" for i in range(40)]
+    monitor.records = {step: {name: {"grad_norm": math.inf if (step, row) == (2, 0) else 0.1 * (row + 1)}
+                              for row, name in enumerate(names)} for step in range(4)}
+    title = "full model (small, 8.74M parameters), legacy recipe: init default, LR 0.0001, warmup 0 steps, " * 2
+    fig = debug_gradients.heatmap_figure(monitor, title, max_modules=120)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    canvas = fig.bbox
+    heatmap = fig.axes[0]
+    texts = [heatmap.title] + list(heatmap.get_yticklabels())
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= canvas.x0 - 1 and box.x1 <= canvas.x1 + 1 and box.y1 <= canvas.y1 + 1, text.get_text()
+    assert [t.get_text() for t in heatmap.get_yticklabels()] == names
+    legend = fig.legends[0].get_window_extent(renderer)
+    assert not legend.overlaps(heatmap.get_window_extent(renderer))  # never over a row (the first one included)
+
+
 # ------------------------------------------------------------------------------------- visualize_attention
 def train_tiny(name: str, config: dict, cache: Path, path: Path, steps: int = 3) -> Path:
     """A freshly trained tiny model's checkpoint."""
