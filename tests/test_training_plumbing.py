@@ -282,6 +282,7 @@ def test_choices_are_read_from_the_comments(tmp_path):
     assert docs["INIT"].choices == ["None", "default", "xavier", "kaiming"]
     assert docs["METRIC"].choices == ["accuracy", "uar", "macro_f1"]
     assert docs["DEVICE"].choices is None and docs["EPOCHS"].choices is None
+    assert cfg.parse_choices('"" none | a name in CAUSES | "all"') is None  # prose between the bars
     assert docs["EPOCHS"].heading == "optimisation" and docs["EPOCHS"].notes == ["Counts are whole numbers."]
 
 

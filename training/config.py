@@ -92,7 +92,8 @@ def parse_choices(comment: str) -> list[str] | None:
         return None
     values = _first_choice(parts[0])
     for part in parts[1:]:
-        match = re.match(r"\s*" + _CHOICE, part)
+        # A value is one word, then the end, a `: description` or a parenthesis; "a name in X" is prose.
+        match = re.match(r"\s*" + _CHOICE + r"\s*(?:$|:|\()", part)
         if match is None:
             return None
         values.append(match.group(1))
@@ -203,11 +204,27 @@ def help_text(namespace: dict) -> str:
     return "\n".join(lines)
 
 
+def apply_preset(namespace: dict, explicit: set[str]) -> None:
+    """A script's `PRESET` names an entry of its `_PRESETS` ({name: {CONSTANT: value}}): those constants are set
+    first, and every constant given on the command line (`explicit`) keeps the user's value."""
+    presets = namespace.get("_PRESETS")
+    if not isinstance(presets, dict) or "PRESET" not in namespace:
+        return
+    if namespace["PRESET"] not in presets:
+        close = difflib.get_close_matches(str(namespace["PRESET"]), list(presets), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"PRESET must be one of {', '.join(presets)}, got '{namespace['PRESET']}'{hint}")
+    for key, value in presets[namespace["PRESET"]].items():
+        if key not in explicit:
+            namespace[key] = value
+
+
 def apply_overrides(namespace: dict, argv: list[str]) -> dict:
     """Apply `--key=value` arguments to the UPPER_SNAKE constants in `namespace`, check its choice constants;
     return the resolved config. A bare `--flag` of a True/False constant means `--flag=True`."""
     keys = config_keys(namespace)
     defaults = {k: namespace[k] for k in keys}
+    explicit: set[str] = set()
     for arg in argv:
         flag = arg[2:].replace("-", "_").upper()
         if arg.startswith("--") and "=" not in arg and isinstance(namespace.get(flag), bool) and flag in keys:
@@ -221,6 +238,8 @@ def apply_overrides(namespace: dict, argv: list[str]) -> dict:
             hint = f" (did you mean --{close[0].lower()}?)" if close else ""
             raise ConfigError(f"unknown option --{name}{hint}")
         namespace[key] = _check_type(key, namespace[key], _parse_value(text))
+        explicit.add(key)
+    apply_preset(namespace, explicit)
     check_choices(namespace, script_docs(namespace), defaults)
     return {k: namespace[k] for k in config_keys(namespace)}
 
