@@ -328,6 +328,8 @@ def growth_lines(monitor: ModuleMonitor, key: str, label: str, top: int = 5) -> 
         if len(finite) >= 2 and finite[0] > 0:
             ratios.append((finite[-1] / finite[0], name, finite[0], finite[-1], max(finite)))
     ratios.sort(reverse=True)
+    if not ratios:
+        return []
     return [f"largest growth of {label} (first -> last step):"] + [
         f"  {name}: {first:.3g} -> {last:.3g} (x{ratio:.3g}, max {peak:.3g})"
         for ratio, name, first, last, peak in ratios[:top]]
@@ -339,13 +341,16 @@ def largest_lines(monitor: ModuleMonitor, key: str, label: str, top: int = 5) ->
     if last is None:
         return []
     ranked = sorted(((r[key], name) for name, r in monitor.records[last].items() if key in r), reverse=True)
+    if not ranked:
+        return []
     return [f"largest {label} at step {last}:"] + [f"  {name}: {value:.4g}" for value, name in ranked[:top]]
 
 
 def fusion_lines(steps: list[dict]) -> list[str]:
     """First, largest and last value of the fusion's attention logits and residual stream (full model only)."""
     lines = []
-    for suffix, label in (("attn_logit_max", "largest attention logit"), ("act_max", "largest residual value")):
+    for suffix, label in (("attn_logit_max", "largest finite attention logit"),
+                          ("act_max", "largest finite residual value")):
         per_step = [max((v for k, v in s.items() if k.endswith(suffix)), default=None) for s in steps]
         per_step = [v for v in per_step if v is not None]
         if per_step:
@@ -391,6 +396,12 @@ def write_outputs(run: RunFolder, monitor: ModuleMonitor, steps: list[dict], hea
 
 
 # -------------------------------------------------------------------------------------------------- modes
+def finite_max(tensor: torch.Tensor) -> float:
+    """Largest finite |value| of `tensor` (0.0 when none is finite), as the module monitor reports it."""
+    values = tensor.detach().float().abs()
+    return values[torch.isfinite(values)].max().item() if torch.isfinite(values).any() else 0.0
+
+
 def watch_fusion(model: torch.nn.Module) -> tuple[dict[str, float], list[RemovableHandle]]:
     """For the full model's LFM2 stack: hooks that record, from the training forward itself, the largest |value|
     of the residual stream after each block (`block{i}.act_max`, and per call `block{i}.call{c}.act_max` when
@@ -409,7 +420,7 @@ def watch_fusion(model: torch.nn.Module) -> tuple[dict[str, float], list[Removab
         def hook(module: torch.nn.Module, args: tuple, output: tuple) -> None:
             calls = stats.setdefault(f"block{index}.calls", 0)
             stats[f"block{index}.calls"] = calls + 1
-            value = output[0].detach().float().abs().max().item()
+            value = finite_max(output[0])
             keep_max(f"block{index}.act_max", value)
             if fusion.repeat_calls > 1:
                 keep_max(f"block{index}.call{calls % fusion.repeat_calls}.act_max", value)
@@ -418,8 +429,7 @@ def watch_fusion(model: torch.nn.Module) -> tuple[dict[str, float], list[Removab
     def logit_hook(index: int):
         def hook(module: torch.nn.Module, args: tuple, output: tuple) -> None:
             q, k = args[0].detach().float(), args[1].detach().float()
-            logits = (q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5
-            keep_max(f"block{index}.attn_logit_max", logits.abs().max().item())
+            keep_max(f"block{index}.attn_logit_max", finite_max((q @ k.transpose(-2, -1)) / q.shape[-1] ** 0.5))
         return hook
 
     handles = []

@@ -162,7 +162,7 @@ def test_debug_gradients_script_writes_stats_heatmap_and_report(tiny_cache, tmp_
     out = tmp_path / "debug_gradients" / "t"
     report = (out / "report.txt").read_text()
     assert "QK-norm False" in report and "float16 + GradScaler" in report and "3 of 3 steps run" in report
-    assert "largest attention logit" in report
+    assert "largest finite attention logit" in report
     rows = [json.loads(line) for line in (out / "module_stats.jsonl").read_text().splitlines()]
     attention = [r for r in rows if r["module"] == "fusion.blocks.1.operator.q_proj"]
     assert [r["step"] for r in attention] == [0, 1, 2] and all(r["grad_norm"] > 0 for r in attention)
