@@ -260,3 +260,30 @@ def test_float16_autocast_forward_is_finite_on_cpu():
     with torch.autocast("cpu", dtype=torch.float16):
         logits = model(make_batch())
     assert logits.dtype == torch.float16 and torch.isfinite(logits).all()
+
+
+def test_swiglu_product_runs_in_float32_under_float16_autocast_unless_legacy():
+    from models.lfm2 import SwiGLU
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 16)
+    for float32_product, finite in ((True, True), (False, False)):
+        mlp = SwiGLU(16, 32, float32_product)
+        with torch.no_grad():  # gate and up outputs of ~300: their product (~9e4) is beyond float16's 65504
+            mlp.gate.weight.fill_(300 / 16)
+            mlp.up.weight.fill_(300 / 16)
+        with torch.autocast("cpu", dtype=torch.float16):
+            out = mlp(torch.ones(2, 5, 16))
+        assert bool(torch.isfinite(out).all()) == finite
+    assert mlp(x).dtype == torch.float32  # without autocast nothing changes
+
+
+def test_massive_activations_are_planted_in_one_early_block_and_survive_init():
+    model = small_model(massive_activations=500.0)
+    model.init_weights("scaled_residual")
+    mlp = model.fusion.blocks[1].mlp
+    assert torch.allclose(mlp.down.weight[:2, :2], 0.02 * torch.eye(2))
+    assert torch.equal(mlp.gate.weight[0], mlp.up.weight[1])
+    x, positions, _ = model.tokens(make_batch())
+    stats = model.fusion.activation_stats(x, positions)
+    assert stats["block1.act_max"] > 20 * stats["block0.act_max"]  # the residual stream now holds a large value
+    assert model.config["massive_activations"] == 500.0

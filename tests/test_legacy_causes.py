@@ -155,3 +155,13 @@ def test_per_modality_convolution_never_mixes_the_last_audio_token_with_the_firs
     model = MultimodalFER(**TINY)
     assert model.fusion.blocks[0].operator.n_sequences == 2
     assert MultimodalFER(**TINY, conv_per_modality=False).fusion.blocks[0].operator.n_sequences == 1
+
+
+def test_an_empty_face_box_is_an_error_never_a_nan_crop(monkeypatch):
+    """Issue 12, cause 4c: a face box of side 0 cannot become a NaN crop here: OpenCV refuses to resize an empty
+    crop, so `prepare_cache` lists the clip as failed; a box at the frame's edge is shifted inside, not shrunk."""
+    frames = [np.full((120, 160, 3), 128, np.uint8)] * 2
+    assert preprocess.crop_box(frames[0].shape, (2, 2, 40), 1.25) == (0, 0, 50)
+    monkeypatch.setattr(preprocess, "find_face", lambda frames, settings: (80, 60, 0))
+    with pytest.raises(preprocess.cv2.error):
+        preprocess.face_crops(frames, preprocess.Settings(size=32))
