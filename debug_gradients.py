@@ -550,6 +550,8 @@ def replay_crash(run: RunFolder, path: Path) -> str:
 
 
 def main() -> None:
+    if LEGACY_CAUSE:
+        legacy_cause(LEGACY_CAUSE)  # a misspelt cause is reported before any folder or data is made
     run = RunFolder("debug_gradients", RUN_NAME, root=OUTPUT_DIR)
     run.write_config({k: globals()[k] for k in config_keys(globals())})
     if REPLAY:

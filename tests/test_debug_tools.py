@@ -170,6 +170,17 @@ def test_debug_gradients_script_writes_stats_heatmap_and_report(tiny_cache, tmp_
     assert_png(out / "figures" / "grad_norm_heatmap.png")
 
 
+def test_debug_gradients_legacy_cause_names_its_module_in_the_report(tiny_cache, tmp_path, monkeypatch):
+    for key, value in {"MODEL": "full", "RECIPE": "legacy", "LEGACY_CAUSE": "mask_fill", "MODEL_CONFIG": TINY_FULL,
+                       "DATA": "cache", "CACHE_DIR": str(tiny_cache), "STEPS": 2, "BATCH_SIZE": 4,
+                       "OUTPUT_DIR": str(tmp_path), "RUN_NAME": "cause"}.items():
+        monkeypatch.setattr(debug_gradients, key, value)
+    debug_gradients.main()
+    report = (tmp_path / "debug_gradients" / "cause" / "report.txt").read_text()
+    assert "legacy cause mask_fill" in report and "1 of 2 steps run" in report
+    assert "step 0, forward of fusion.blocks.1.operator.attention (ScaledDotProductAttention)" in report
+
+
 def test_replay_of_a_crash_dump_names_the_first_non_finite_module(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     model = build_model("simple", TINY_SIMPLE)
