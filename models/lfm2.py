@@ -136,9 +136,10 @@ class ScaledDotProductAttention(nn.Module):
     `layers.attend`. With a causal or key mask (`key_mask` (B, Lk), True = may be attended):
     - `mask_fill=None`: boolean masking of float32 scores with float32's lowest value; a fully masked row gets
       uniform weights, never NaN;
-    - `mask_fill` a number (legacy): scores in the compute dtype plus `(1 - allowed) * mask_fill`, softmax in the
-      same dtype, as older transformers code did. -1e9 becomes -inf in float16, and a row whose keys are all
-      masked (a causal query that sees only a missing modality) is 0/0 = NaN.
+    - `mask_fill` a number (legacy): scores in the compute dtype plus an additive mask (0 where allowed,
+      `mask_fill` elsewhere) in the same dtype, softmax in that dtype, as older transformers code did. -1e9
+      becomes -inf in float16, and a row whose keys are all masked (a causal query that sees only a missing
+      modality) is 0/0 = NaN.
     """
 
     def __init__(self, causal: bool = False, mask_fill: float | None = None):
@@ -165,7 +166,10 @@ class ScaledDotProductAttention(nn.Module):
             weights = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min).softmax(dim=-1)
             return (weights @ v.float()).to(v.dtype), weights if need_weights else None
         scores = (q @ k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
-        weights = (scores + (~allowed).to(scores.dtype) * self.mask_fill).softmax(dim=-1)
+        # Built in float32, then cast like the scores: -1e9 becomes -inf in float16 (a float16 masked_fill with
+        # -1e9 would raise instead of overflowing, which is why such code adds a cast mask).
+        additive = torch.zeros(allowed.shape, device=q.device).masked_fill(~allowed, self.mask_fill)
+        weights = (scores + additive.to(scores.dtype)).softmax(dim=-1)
         return weights @ v, weights if need_weights else None
 
 

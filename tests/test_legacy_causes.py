@@ -124,13 +124,16 @@ def test_repeated_calls_run_each_block_three_times_and_grow_the_residual_stream(
         LFM2Stack(32, ["conv"], n_heads=4, n_kv_heads=2, repeat_calls=0)
 
 
-def test_mask_fill_of_finfo_min_keeps_a_fully_masked_row_finite():
+def test_a_fully_masked_row_is_nan_with_minus_1e9_in_float16_and_finite_with_boolean_masks():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, 4, 8, dtype=torch.float16) for _ in range(3))
     key_mask = torch.tensor([[False, False, True, True]])  # causal query 0 and 1 see only masked keys
-    for fill, finite in ((-1e9, False), (float("-inf"), False), (None, True)):
+    for fill, finite in ((-1e9, False), (float("-inf"), False), (-65504.0, True), (None, True)):
         out, _ = ScaledDotProductAttention(causal=True, mask_fill=fill)(q, k, v, key_mask)
         assert bool(torch.isfinite(out).all()) == finite, fill
+    # float16's lowest value survives only while the row's scores are above -16: -65504 - 16 rounds to -inf.
+    out, _ = ScaledDotProductAttention(causal=True, mask_fill=-65504.0)(-q.abs() * 8, k.abs() * 8, v, key_mask)
+    assert not torch.isfinite(out).all()
 
 
 def test_unknown_cause_gets_the_closest_name():
