@@ -22,81 +22,91 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from data.setup import DataSettings, build_loaders, prepare_data, make_split
+from data.setup import DataSettings, build_loaders, make_split, prepare_data, settings_from_constants
 from data.ravdess import DataError
 from models import ModelConfigError, build_model
 from training.config import config_keys, run_script
-from training.progress import (EpochStats, crash_exit, cross_validate, end_epoch, final_test, fold_list, next_stage,
-                               resume)
+from training.ema import WeightEMA
+from training.progress import (EpochStats, check_selection, crash_exit, cross_validate, end_epoch, epoch_line,
+                               final_test, fold_list, next_stage, open_run, resume, selected_model, validate)
 from training.runs import RunFolder
 from training.runtime import setup_runtime
 from training.stages import make_optimizer, set_trainable, train_mode
-from training.step import NonFiniteLossError, cosine_lr, cross_entropy, evaluate, move_batch, set_lr, train_step
+from training.step import NonFiniteLossError, cosine_lr, cross_entropy, move_batch, set_lr, train_step
 
 # ---- data
 DATASET = "synthetic"  # "synthetic" (generated quick-start set) or "ravdess" (a RAVDESS folder at DATA_ROOT)
 DATA_ROOT = "data/RAVDESS"  # any folder holding RAVDESS files (mp4/wav/flac), searched recursively
-CACHE_DIR = ""  # preprocessed clips; "" = cache/<name of DATA_ROOT>
+CACHE_DIR = ""  # preprocessed clips; "" = OUTPUT_DIR/cache/<name of DATA_ROOT>_<frames>x<size>
 CHANNEL = "speech"  # "speech", "song" or "all"
 MODALITIES = ("audio", "visual")  # any non-empty subset
 VISUAL_INPUT = "frames"  # "frames" (face crops from the video) or "features" (per-clip vectors in FEATURE_FILE)
 FEATURE_FILE = ""  # .npz of per-clip visual features keyed by RAVDESS stem (needs VISUAL_INPUT="features")
 N_FRAMES = 0  # face frames sampled per clip; 0 = 16 for RAVDESS, 8 for the synthetic quick start
 FRAME_SIZE = 0  # face crop side in pixels; 0 = 112 for RAVDESS, 64 for the synthetic quick start
-SPEC_AUGMENT = True  # SpecAugment time/frequency masks on training log-mels
+SPEC_AUGMENT = True  # training log-mels: a random circular time shift, then SpecAugment masks (below)
+FREQ_MASKS = 1  # frequency masks per clip
+FREQ_MASK_BINS = 10  # widest frequency mask, mel bins (of 64)
+TIME_MASKS = 1  # time masks per clip
+TIME_MASK_SECONDS = 0.6  # widest time mask
+TIME_SHIFT_SECONDS = 0.3  # circular time shift drawn uniformly in +- this (0 = off)
 FRAME_AUGMENT = True  # random crop, flip and colour jitter on training face crops
 
 # ---- actor-disjoint split
 ACTORS = "auto"  # actors in the experiment, e.g. "1-20"; "auto" = every actor in the data
 N_FOLDS = 6  # folds of consecutive actors (6 folds x 4 actors over RAVDESS's 24 actors)
 FOLD = 0  # 0..N_FOLDS-1, or "all" for the whole cross-validation
-N_VAL_ACTORS = 2  # validation actors, taken from the training actors (never the test fold)
+N_VAL_ACTORS = 0  # validation actors, taken from the training actors (never the test fold); 0 = none (with
+# SELECT_CHECKPOINT "last" or "ema" they only draw a validation curve; as training actors they test better)
 TEST_ACTORS = ""  # explicit test actors, e.g. "21-24" (overrides FOLD)
 VAL_ACTORS = ""  # explicit validation actors, with TEST_ACTORS
 
 # ---- model
-CHANNELS = (16, 32, 32)  # conv channels per stage of each branch (~29K parameters)
-DROPOUT = 0.2
+AUDIO_CHANNELS = (8, 16, 32, 48)  # log-mel CNN: channels of its VGG stages (two 3x3 convs + max-pool each)
+CHANNELS = (16, 32, 32)  # face-frame conv stack channels; the last is also the width of the feature MLP
+DROPOUT = 0.3  # before the classifier, and in the feature MLP
+FEATURE_NOISE = 0.1  # Gaussian noise on standardised per-clip features in training (features input)
 INIT = "kaiming"  # default | xavier | kaiming | scaled_residual | zero_residual
 
 # ---- optimisation
-EPOCHS = 40  # one stage that trains everything (the Lite and full scripts add a frozen-encoder stage)
-LR = 3e-3  # peak AdamW learning rate
+EPOCHS = 20  # one stage that trains everything (the Lite and full scripts add a frozen-encoder stage)
+LR = 2e-3  # peak AdamW learning rate
 BATCH_SIZE = 32
-WEIGHT_DECAY = 1e-4
-WARMUP_EPOCHS = 1  # linear LR warmup, then cosine decay within each stage
+WEIGHT_DECAY = 1e-2
+WARMUP_FRACTION = 0.3  # of the steps: linear LR warmup to the peak, then cosine decay (one-cycle shape)
 CLIP_NORM = 1.0  # global gradient-norm clipping (the norm is logged either way)
-LABEL_SMOOTHING = 0.05
-PATIENCE = 12  # early stopping: epochs without validation improvement
-SELECT_METRIC = "accuracy"  # validation metric that picks the best checkpoint: accuracy | uar | macro_f1
+LABEL_SMOOTHING = 0.1
+
+# ---- model selection and testing
+SELECT_CHECKPOINT = "last"  # last | ema | best_val: the weights tested and kept as ckpt_best.pt
+EMA_DECAY = 0.99  # per step, for SELECT_CHECKPOINT="ema"
+SELECT_METRIC = "accuracy"  # validation metric of SELECT_CHECKPOINT="best_val": accuracy | uar | macro_f1
+PATIENCE = 10  # early stopping (best_val only): epochs without validation improvement
+TEST_TIME_SHIFTS = 0  # k > 0: test probabilities averaged over the clip and 2k circular time shifts of its audio
 
 # ---- runtime and precision
 DEVICE = "auto"  # "auto", "cuda", "cuda:1", "cpu"
 AMP_DTYPE = "auto"  # auto: float16 + GradScaler on T4/V100, bfloat16 on A100+, float32 on CPU
 SEED = 0
-NUM_WORKERS = 2  # DataLoader worker processes
+NUM_WORKERS = 2  # DataLoader worker processes (0 = load in the main process)
+PREPARE_WORKERS = 0  # processes that preprocess the data into the cache on first use; 0 = one per CPU
 
 # ---- output
 OUTPUT_DIR = "checkpoints"  # run folders go to OUTPUT_DIR/train_simple_working/RUN_NAME
-RUN_NAME = "simple"  # the same RUN_NAME resumes an interrupted run
+RUN_NAME = "simple"  # the same RUN_NAME resumes an interrupted run (or reports a finished one)
+RESTART = False  # True: delete RUN_NAME's folder and train again (a run refuses constants it was not made with)
 MODEL_NAME = "simple"
 
 
-def data_settings() -> DataSettings:
-    return DataSettings(dataset=DATASET, data_root=DATA_ROOT, cache_dir=CACHE_DIR, channel=CHANNEL,
-                        modalities=tuple(MODALITIES), visual_input=VISUAL_INPUT, feature_file=FEATURE_FILE,
-                        n_frames=N_FRAMES, frame_size=FRAME_SIZE,
-                        spec_augment=SPEC_AUGMENT, frame_augment=FRAME_AUGMENT, batch_size=BATCH_SIZE,
-                        num_workers=NUM_WORKERS, seed=SEED, output_dir=OUTPUT_DIR)
-
-
 def stage_table() -> list[dict]:
-    return [{"name": "all", "train": "all", "epochs": EPOCHS, "lr": LR}]
+    return [{"name": "train", "train": "all", "epochs": EPOCHS, "lr": LR}]
 
 
 def build(feature_dim: int, runtime) -> torch.nn.Module:
     model = build_model(MODEL_NAME, {"modalities": list(MODALITIES), "visual_input": VISUAL_INPUT,
-                                     "feature_dim": feature_dim, "channels": list(CHANNELS), "dropout": DROPOUT})
+                                     "feature_dim": feature_dim, "channels": list(CHANNELS),
+                                     "audio_channels": list(AUDIO_CHANNELS), "dropout": DROPOUT,
+                                     "feature_noise": FEATURE_NOISE})
     model.init_weights(INIT)
     return model.to(runtime.device)
 
@@ -110,9 +120,11 @@ def train_fold(run: RunFolder, fold: int, settings: DataSettings, cache, runtime
     print("parameters:", ", ".join(f"{k} {v:,}" for k, v in model.parameter_breakdown().items()),
           f"| total {sum(p.numel() for p in model.parameters()):,}")
     stages = stage_table()
+    print(check_selection(SELECT_CHECKPOINT, len(loaders.val.dataset) > 0, sum(s["epochs"] for s in stages)))
     optimizer = make_optimizer(model, stages[0]["lr"], WEIGHT_DECAY)
     scaler = runtime.make_scaler()
-    progress = resume(run, model, optimizer, scaler, MODEL_NAME)
+    ema = WeightEMA(model, EMA_DECAY) if SELECT_CHECKPOINT == "ema" else None
+    progress = resume(run, model, optimizer, scaler, MODEL_NAME, ema)
     loss_fn = partial(cross_entropy, label_smoothing=LABEL_SMOOTHING)
     steps_per_epoch = len(loaders.train)
 
@@ -130,26 +142,29 @@ def train_fold(run: RunFolder, fold: int, settings: DataSettings, cache, runtime
             for batch_index, batch in enumerate(bar):
                 batch = move_batch(batch, runtime.device)
                 lr = cosine_lr(progress.epoch * steps_per_epoch + batch_index, total_steps,
-                               WARMUP_EPOCHS * steps_per_epoch, stage["lr"])
+                               int(WARMUP_FRACTION * total_steps), stage["lr"])
                 set_lr(optimizer, lr)
                 try:
                     result = train_step(model, batch, optimizer, scaler, runtime, clip_norm=CLIP_NORM, loss_fn=loss_fn)
                 except NonFiniteLossError as err:
-                    crash_exit(run, batch, model, MODEL_NAME, err, f"fold {fold}, epoch {progress.epoch + 1}")
+                    crash_exit(run, batch, model, MODEL_NAME, err, f"fold {fold}, epoch {progress.epoch + 1}",
+                               scaler, progress)
+                if ema is not None:
+                    ema.update(model)
                 progress.step += 1
                 stats.update(result)
                 bar.set_postfix(loss=f"{result.loss:.3f}", gnorm=f"{result.grad_norm:.2f}")
-            val = evaluate(model, loaders.val, runtime)
+            val = validate(selected_model(model, ema, SELECT_CHECKPOINT), loaders.val, runtime)
             train_stats = stats.summary()
-            improved = end_epoch(run, progress, model, MODEL_NAME, optimizer, scaler, val, train_stats, lr,
-                                 config, SELECT_METRIC)
-            print(f"fold {fold} {stage['name']} epoch {progress.epoch}: train loss {train_stats['train_loss']:.3f} "
-                  f"| val loss {val['loss']:.3f} acc {val['accuracy']:.1%} uar {val['uar']:.1%}"
-                  f"{' *' if improved else ''}")
-        next_stage(progress)
+            improved = end_epoch(run, progress, model, MODEL_NAME, optimizer, scaler, val, train_stats, lr, config,
+                                 select=SELECT_CHECKPOINT, select_metric=SELECT_METRIC, ema=ema,
+                                 feature_stats=loaders.feature_stats)
+            print(epoch_line(f"fold {fold} {stage['name']}", progress, train_stats, val, improved))
+        next_stage(progress, PATIENCE, stage["name"])
 
     test = final_test(run, model, MODEL_NAME, loaders.test, runtime, loaders.class_names,
-                      {"fold": fold, "test_actors": list(split.test), "val_actors": list(split.val)})
+                      {"fold": fold, "test_actors": list(split.test), "val_actors": list(split.val)},
+                      TEST_TIME_SHIFTS, loaders.time_shift_steps(TEST_TIME_SHIFTS))
     print(f"fold {fold} test (actors {split.test}): accuracy {test['accuracy']:.1%}, UAR {test['uar']:.1%}")
     return test
 
@@ -159,10 +174,9 @@ def main() -> None:
     runtime = setup_runtime(DEVICE, AMP_DTYPE, SEED)
     print(runtime.describe())
     folds = [0] if TEST_ACTORS else fold_list(FOLD, N_FOLDS)  # checked before any slow data work
-    settings = data_settings()
+    settings = settings_from_constants(config)
     cache = prepare_data(settings)
-    run = RunFolder("train_simple_working", RUN_NAME, OUTPUT_DIR)
-    run.write_config(config, runtime.describe())
+    run = open_run("train_simple_working", RUN_NAME, OUTPUT_DIR, config, runtime.describe(), RESTART)
     cross_validate(run, folds, lambda fold_run, fold: train_fold(fold_run, fold, settings, cache, runtime, config),
                    f"{len(folds)}-fold actor-disjoint CV over actors {ACTORS}, "
                    f"modalities {'+'.join(MODALITIES)} ({VISUAL_INPUT if 'visual' in MODALITIES else 'no visual'})",

@@ -1,23 +1,31 @@
 #!/usr/bin/env bash
 # The real-data benchmark of the README: 5-fold actor-disjoint CV over actors 1-20, real RAVDESS speech audio
-# (16 kHz FLAC) + real per-clip OpenFace action units as the visual input, CPU-sized configurations.
+# (16 kHz FLAC) + real per-clip OpenFace action units as the visual input, the scripts' default recipe with the
+# CPU-sized model presets.
 #
 #   bash benchmarks/real_data_cv.sh [SHARED_DATA_DIR] [PARALLEL_JOBS]
+#   ROWS_TO_RUN="lite_audio lite_concat" SEEDS="0 1 2" bash benchmarks/real_data_cv.sh   # some rows, 3 seeds
 #
 # Each fold is its own single-threaded process (PARALLEL_JOBS at a time, default 2 = the cores of the reference
 # machine); then a `--fold=all` call per row only collects the finished folds into cv_metrics.json and prints the
-# per-fold table. Interrupted folds resume from their last finished epoch when the script is run again.
+# per-fold table. Seed 0 runs as bench_<row>, seed s as bench_<row>_seed<s>; `python benchmarks/results_table.py`
+# prints the README table (with the mean over seeds and the seed ensemble where several seeds finished).
+# Interrupted folds resume from their last finished epoch when the script is run again; finished ones are skipped.
+#
+# LITE, SIMPLE and FULL are the single definition of the benchmark configurations: an independent evaluation
+# reruns a row on other actors by adding --actors=... --test_actors=... --val_actors=... to them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED="${1:-../shared/data}"
 JOBS="${2:-2}"
+SEEDS="${SEEDS:-0}"
 PY="${PYTHON:-python}"
 CACHE=checkpoints/cache/ravdess_speech_16k_16x112
 COMMON="--dataset=ravdess --data_root=$SHARED/ravdess_speech_16k --cache_dir=$CACHE --actors=1-20 --n_folds=5 \
 --num_workers=0 --visual_input=features --feature_file=$SHARED/ravdess_clip_features/au_mfcc.npz"
-LITE="train_lite_model.py --preset=cpu --stage1_epochs=8 --stage2_epochs=3 --patience=5"
-SIMPLE="train_simple_working.py --epochs=15 --lr=3e-3 --patience=6"
-FULL="train_full_model.py --preset=cpu --stage1_epochs=6 --stage2_epochs=2 --patience=4"
+LITE="train_lite_model.py --preset=cpu"
+SIMPLE="train_simple_working.py"
+FULL="train_full_model.py --preset=cpu"
 ROWS=(  # name|script and arguments: one row of the results table each
   "lite_audio|$LITE --modalities=audio --fusion=concat"
   "lite_au|$LITE --modalities=visual --fusion=concat"
@@ -30,18 +38,31 @@ ROWS=(  # name|script and arguments: one row of the results table each
   "simple_audio_au|$SIMPLE"
   "full_audio_au|$FULL"
 )
+SELECTED=()
+for row in "${ROWS[@]}"; do
+  if [ -z "${ROWS_TO_RUN:-}" ] || [[ " $ROWS_TO_RUN " == *" ${row%%|*} "* ]]; then SELECTED+=("$row"); fi
+done
+run_name() {  # row name, seed
+  if [ "$2" = 0 ]; then echo "bench_$1"; else echo "bench_$1_seed$2"; fi
+}
 
 # The cache is built once up front, so that the parallel fold processes only read it.
 "$PY" data/prepare_ravdess.py "--root=$SHARED/ravdess_speech_16k" "--cache=$CACHE"
 mkdir -p checkpoints/bench_logs
-for row in "${ROWS[@]}"; do
-  for fold in 0 1 2 3 4; do
-    echo "OMP_NUM_THREADS=1 $PY ${row#*|} $COMMON --fold=$fold --run_name=bench_${row%%|*} \
-> checkpoints/bench_logs/${row%%|*}_fold$fold.log 2>&1"
+for seed in $SEEDS; do
+  for row in "${SELECTED[@]}"; do
+    name=$(run_name "${row%%|*}" "$seed")
+    for fold in 0 1 2 3 4; do
+      echo "OMP_NUM_THREADS=1 $PY ${row#*|} $COMMON --seed=$seed --fold=$fold --run_name=$name \
+> checkpoints/bench_logs/${name}_fold$fold.log 2>&1"
+    done
   done
 done | xargs -d '\n' -P "$JOBS" -I{} bash -c '{}'
 
-for row in "${ROWS[@]}"; do
-  echo "== ${row%%|*}"
-  $PY ${row#*|} $COMMON --fold=all "--run_name=bench_${row%%|*}" 2>/dev/null | sed -n '/actor-disjoint CV/,$p'
+for seed in $SEEDS; do
+  for row in "${SELECTED[@]}"; do
+    name=$(run_name "${row%%|*}" "$seed")
+    echo "== $name"
+    $PY ${row#*|} $COMMON --seed=$seed --fold=all "--run_name=$name" 2>/dev/null | sed -n '/actor-disjoint CV/,$p'
+  done
 done

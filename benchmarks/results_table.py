@@ -1,6 +1,10 @@
-"""Markdown rows of the README's results table from the cv_metrics.json files of `benchmarks/real_data_cv.sh`.
+"""Markdown rows of the README's results table from the run folders of `benchmarks/real_data_cv.sh`.
 
     python benchmarks/results_table.py            # rows whose 5 folds are all finished; the rest are listed
+
+Seed 0 gives the per-fold figures. Where more seeds finished (bench_<row>_seed<s>), two more columns: the mean
++- std over seeds of the CV mean accuracy, and the accuracy of the seed ensemble (per fold, the class
+probabilities of the seeds' models averaged per clip, then the argmax; mean over folds).
 """
 from __future__ import annotations
 
@@ -8,13 +12,16 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from training.config import run_script  # noqa: E402
 
 OUTPUT_DIR = "checkpoints"  # where benchmarks/real_data_cv.sh wrote its run folders
+MAX_SEEDS = 10  # seeds looked for per row (bench_<row>_seed1 ... _seed9)
 ROWS = [  # run name, script folder, model description, modalities
-    ("bench_simple_audio", "train_simple_working", "SimpleCNN (15K)", "audio"),
-    ("bench_simple_audio_au", "train_simple_working", "SimpleCNN (17K)", "audio + AUs, late concat"),
+    ("bench_simple_audio", "train_simple_working", "SimpleCNN (53K)", "audio"),
+    ("bench_simple_audio_au", "train_simple_working", "SimpleCNN (56K)", "audio + AUs, late concat"),
     ("bench_lite_audio", "train_lite_model", "Lite (cpu preset, <1M)", "audio"),
     ("bench_lite_au", "train_lite_model", "Lite (cpu preset, <1M)", "AUs"),
     ("bench_lite_concat", "train_lite_model", "Lite (cpu preset, <1M), concat fusion", "audio + AUs"),
@@ -26,19 +33,43 @@ ROWS = [  # run name, script folder, model description, modalities
 ]
 
 
+def seed_runs(root: Path, script: str, run: str) -> list[Path]:
+    """The finished seeds of a row: its run folders that have a cv_metrics.json, seed 0 first."""
+    names = [run] + [f"{run}_seed{seed}" for seed in range(1, MAX_SEEDS)]
+    return [root / script / name for name in names if (root / script / name / "cv_metrics.json").exists()]
+
+
+def ensemble_accuracy(runs: list[Path]) -> float:
+    """Mean over folds of the accuracy of the seeds' averaged class probabilities."""
+    accuracies = []
+    for fold in sorted(p.name for p in runs[0].glob("fold*")):
+        metrics = [json.loads((run / fold / "metrics.json").read_text()) for run in runs]
+        if any(m["clip_ids"] != metrics[0]["clip_ids"] for m in metrics):
+            raise SystemExit(f"error: the seeds of {runs[0]} / {fold} tested different clips")
+        probabilities = np.mean([m["probabilities"] for m in metrics], axis=0)
+        labels = np.array([int(c.split("-")[1]) - 1 for c in metrics[0]["clip_ids"]])  # emotion field of the take
+        accuracies.append(float((probabilities.argmax(1) == labels).mean()))
+    return float(np.mean(accuracies))
+
+
 def main() -> None:
     root = Path(OUTPUT_DIR)
     missing = []
     for run, script, model, modalities in ROWS:
-        path = root / script / run / "cv_metrics.json"
-        if not path.exists():
+        runs = seed_runs(root, script, run)
+        if not runs or runs[0].name != run:
             missing.append(run)
             continue
-        m = json.loads(path.read_text())
+        m = json.loads((runs[0] / "cv_metrics.json").read_text())
         acc, uar = m["accuracy"], m["uar"]
         folds = ", ".join(f"{a:.1%}" for a in acc["per_fold"])
+        seeds = ""
+        if len(runs) > 1:
+            means = [json.loads((r / "cv_metrics.json").read_text())["accuracy"]["mean"] for r in runs]
+            seeds = (f" {np.mean(means):.1%} +- {np.std(means):.1%} ({len(runs)} seeds) | "
+                     f"{ensemble_accuracy(runs):.1%} |")
         print(f"| {model} | {modalities} | {acc['mean']:.1%} +- {acc['std']:.1%} | {uar['mean']:.1%} +- "
-              f"{uar['std']:.1%} | {folds} |")
+              f"{uar['std']:.1%} | {folds} |{seeds}")
     if missing:
         print(f"not finished: {', '.join(missing)}", file=sys.stderr)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
-from data.dataset import build_datasets, load_manifest, make_loaders
+from data.dataset import AudioAugment, build_datasets, load_manifest, make_loaders
 from data.preprocess import prepare_cache
 from data.ravdess import EMOTIONS, DataError, Split, kfold_split, split_actors
 from data.synthetic import make_synthetic_ravdess
@@ -40,6 +40,11 @@ class DataSettings:
     n_frames: int = 0  # 0 = the dataset's default (DEFAULT_FRAMES)
     frame_size: int = 0
     spec_augment: bool = True
+    freq_masks: int = 1  # SpecAugment and time shift of training log-mels: see data.dataset.AudioAugment
+    freq_mask_bins: int = 10
+    time_masks: int = 1
+    time_mask_seconds: float = 0.6
+    time_shift_seconds: float = 0.3
     frame_augment: bool = True
     batch_size: int = 32
     num_workers: int = 2
@@ -62,6 +67,14 @@ class Loaders:
         """(mean, std) of the training actors' features that standardise every split; None without features.
         Checkpoints store them, so the model is applied later to features scaled as in training."""
         return self.train.dataset.feature_stats
+
+    def time_shift_steps(self, shifts: int) -> int:
+        """Log-mel frames between the `shifts` test-time shifts on each side, so the widest is the training
+        shift (TIME_SHIFT_SECONDS); 0 when either is 0."""
+        dataset = self.train.dataset
+        if not shifts or dataset.spec_augment is None:
+            return 0
+        return round(dataset.spec_augment.time_shift_seconds * dataset.audio_steps_per_second / shifts)
 
     def set_epoch(self, epoch: int) -> None:
         """Seed the training order from (seed, epoch), so a resumed run visits batches as an uninterrupted one."""
@@ -92,14 +105,19 @@ def cache_plan(settings: DataSettings) -> tuple[Path, Path, int, int]:
     return root, cache, n_frames, size
 
 
-def run_data_settings(run_config: dict) -> DataSettings | None:
-    """The DataSettings a training script built from its constants (named like the fields, in upper case), from
-    the run config a checkpoint stores; None when it holds none (predict.py and visualize_attention.py use it to
-    find the cache and feature file a checkpoint was trained on)."""
-    values = {f.name: run_config[f.name.upper()] for f in fields(DataSettings) if f.name.upper() in run_config}
-    if values.get("dataset") not in DATASETS:
-        return None
+def settings_from_constants(constants: dict) -> DataSettings:
+    """The DataSettings named by a script's constants (DATASET, DATA_ROOT, ..., the field names in upper case);
+    fields a script does not define keep their defaults."""
+    values = {f.name: constants[f.name.upper()] for f in fields(DataSettings) if f.name.upper() in constants}
     return DataSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def run_data_settings(run_config: dict) -> DataSettings | None:
+    """The DataSettings of a training run, from the run config a checkpoint stores; None when it holds none
+    (predict.py and visualize_attention.py use it to find the cache and feature file a checkpoint was trained on)."""
+    if run_config.get("DATASET") not in DATASETS:
+        return None
+    return settings_from_constants(run_config)
 
 
 def prepare_data(settings: DataSettings) -> Path:
@@ -157,11 +175,18 @@ def make_split(cache: Path, actors: str | list[int], n_folds: int, fold: int, n_
     return kfold_split(actors, n_folds, fold, n_val_actors)
 
 
+def audio_augment(settings: DataSettings) -> AudioAugment | None:
+    if not settings.spec_augment:
+        return None
+    return AudioAugment(settings.freq_masks, settings.freq_mask_bins, settings.time_masks,
+                        settings.time_mask_seconds, settings.time_shift_seconds)
+
+
 def build_loaders(cache: Path, split: Split, settings: DataSettings) -> Loaders:
     visual = settings.visual_input if "visual" in settings.modalities else None
     train, val, test = build_datasets(cache, split, features_file=settings.feature_file or None,
                                       modalities=settings.modalities, visual=visual,
-                                      spec_augment=settings.spec_augment, frame_augment=settings.frame_augment)
+                                      spec_augment=audio_augment(settings), frame_augment=settings.frame_augment)
     train_loader, val_loader, test_loader = make_loaders(train, val, test, settings.batch_size,
                                                          settings.num_workers, settings.seed)
     return Loaders(train_loader, val_loader, test_loader, train.feature_dim, list(EMOTIONS), settings.seed)

@@ -10,14 +10,11 @@
 - A missing modality (`has_audio`/`has_visual` false) is never encoded; its tokens are a learned placeholder.
   In training, `modality_dropout` hides one of the two modalities of a sample with that probability.
 - Stage-wise training freezes children by name: `audio_encoder`, `visual_encoder`, `fusion`, `classifier`
-  (the placeholders are top-level parameters and always train); `encoder_parameters()`/`head_parameters()`
-  give the same split for optimizer parameter groups.
-- `CPU_CONFIG` is a configuration that trains 5-fold CV on real RAVDESS (audio + 35 action units) on 2 CPU cores.
+  (the placeholders are top-level parameters and always train).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -29,13 +26,6 @@ from models.layers import AttentionMap, count_parameters
 
 MODALITIES = ("audio", "visual")
 VISUAL_INPUTS = ("frames", "features")
-ENCODER_NAMES = ("audio_encoder", "visual_encoder")
-
-# Real-data benchmark on a 2-core CPU: log-mel audio + per-clip OpenFace action units, narrow everything.
-CPU_CONFIG = {"visual_input": "features", "feature_dim": 35, "width": 128, "audio_channels": [16, 32, 64, 128],
-              "visual_tokens": 4, "fusion": "cross_attention", "fusion_layers": 1, "dropout": 0.2,
-              "encoder_dropout": 0.2, "modality_dropout": 0.2}
-
 
 class MultimodalFERLite(nn.Module):
     def __init__(
@@ -47,6 +37,8 @@ class MultimodalFERLite(nn.Module):
         n_mels: int = 64,
         audio_channels: tuple[int, ...] | list[int] = (32, 64, 128, 256),
         audio_tokens: int = 8,
+        audio_block: str = "vgg",
+        audio_time_pool: int = 2,
         frame_backbone: str = "resnet18",
         pretrained: bool = False,
         frame_input_size: int | None = None,
@@ -57,6 +49,7 @@ class MultimodalFERLite(nn.Module):
         mlp_ratio: int = 4,
         dropout: float = 0.1,
         encoder_dropout: float = 0.1,
+        feature_noise: float = 0.1,
         modality_dropout: float = 0.0,
         num_classes: int = 8,
     ):
@@ -71,21 +64,24 @@ class MultimodalFERLite(nn.Module):
         self.config = {
             "modalities": list(modalities), "visual_input": visual_input, "feature_dim": feature_dim,
             "width": width, "n_mels": n_mels, "audio_channels": list(audio_channels), "audio_tokens": audio_tokens,
+            "audio_block": audio_block, "audio_time_pool": audio_time_pool,
             "frame_backbone": frame_backbone, "pretrained": pretrained, "frame_input_size": frame_input_size,
             "visual_tokens": visual_tokens, "fusion": fusion, "fusion_layers": fusion_layers, "n_heads": n_heads,
             "mlp_ratio": mlp_ratio, "dropout": dropout, "encoder_dropout": encoder_dropout,
+            "feature_noise": feature_noise,
             "modality_dropout": modality_dropout, "num_classes": num_classes,
         }
         self.modalities, self.visual_input, self.modality_dropout = modalities, visual_input, modality_dropout
         if "audio" in modalities:
-            self.audio_encoder = AudioEncoder(width, n_mels, tuple(audio_channels), audio_tokens, encoder_dropout)
+            self.audio_encoder = AudioEncoder(width, n_mels, tuple(audio_channels), audio_tokens, encoder_dropout,
+                                              audio_block, audio_time_pool)
             self.audio_missing = nn.Parameter(torch.randn(audio_tokens, width) * 0.02)
         if "visual" in modalities:
             if visual_input == "frames":
                 self.visual_encoder = FrameEncoder(width, frame_backbone, pretrained, n_tokens=visual_tokens,
                                                    input_size=frame_input_size, dropout=encoder_dropout)
             else:
-                self.visual_encoder = FeatureEncoder(feature_dim, width, visual_tokens, encoder_dropout)
+                self.visual_encoder = FeatureEncoder(feature_dim, width, visual_tokens, encoder_dropout, feature_noise)
             self.visual_missing = nn.Parameter(torch.randn(visual_tokens, width) * 0.02)
         self.fusion = Fusion(fusion, width, audio_tokens, visual_tokens, fusion_layers, n_heads, mlp_ratio, dropout,
                              modalities=modalities)
@@ -141,18 +137,6 @@ class MultimodalFERLite(nn.Module):
         if not isinstance(getattr(self, "visual_encoder", None), FrameEncoder):
             raise ValueError("face-pretrained weights need visual_input='frames' and the visual modality")
         return self.visual_encoder.load_face_pretrained(path)
-
-    # -------------------------------------------------------------------------------- parameter groups
-    def encoder_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the modality encoders (frozen in stage 1 of progressive training)."""
-        for name in ENCODER_NAMES:
-            if hasattr(self, name):
-                yield from getattr(self, name).parameters()
-
-    def head_parameters(self) -> Iterator[nn.Parameter]:
-        """Everything that is not an encoder: fusion, classifier and the placeholder tokens."""
-        encoder_ids = {id(p) for p in self.encoder_parameters()}
-        return (p for p in self.parameters() if id(p) not in encoder_ids)
 
     # ------------------------------------------------------------------------------------ init and size
     def init_weights(self, strategy: str = "scaled_residual", gain: float = 0.5) -> None:

@@ -30,7 +30,7 @@ def test_fusion_strategy_beats_chance_on_unseen_actors(fusion, small_cache):
     train_loader, _, test_loader = make_loaders(train, val, test, batch_size=16, seed=0)
     model = build_model("lite", {"width": 32, "audio_channels": [8, 16, 16, 32], "frame_backbone": "tiny",
                                  "fusion": fusion, "fusion_layers": 1, "n_heads": 2, "audio_tokens": 4,
-                                 "visual_tokens": 4, "dropout": 0.0, "encoder_dropout": 0.0})
+                                 "visual_tokens": 4, "dropout": 0.0, "encoder_dropout": 0.0, "audio_time_pool": 4})
     model.init_weights("scaled_residual", 0.5)
     optimizer = make_optimizer(model, lr=3e-3, weight_decay=0.0)
     scaler = runtime.make_scaler()

@@ -8,18 +8,25 @@ A script's loop reads:
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
 from torch import nn
 
-from training.checkpoint import load_checkpoint, load_model_weights, make_state, save_checkpoint
-from training.config import ConfigError
+from training.checkpoint import (feature_stats_entry, load_checkpoint, load_model_weights, make_state,
+                                 save_checkpoint)
+from training.config import ConfigError, to_jsonable
 from training.metrics import summarize_folds
 from training.runs import RunFolder
+from training.ema import WeightEMA
 from training.runtime import Runtime, set_rng_state
 from training.step import StepResult, evaluate
+
+# Which weights a run tests and keeps as ckpt_best.pt: the last epoch's, their exponential moving average, or the
+# epoch with the best validation metric (README, Results: "Model selection", for the measured comparison).
+SELECTIONS = ("last", "ema", "best_val")
 
 
 @dataclass
@@ -44,15 +51,15 @@ class EpochStats:
         self.steps = self.correct = self.seen = self.skipped = 0
         self.max_grad_norm = 0.0
 
-    def update(self, result: StepResult, logits_correct: int = 0, batch_size: int = 0) -> None:
+    def update(self, result: StepResult) -> None:
         self.loss += result.loss
         self.steps += 1
         self.skipped += int(result.skipped)
         if not result.skipped:
             self.grad_norm += result.grad_norm
             self.max_grad_norm = max(self.max_grad_norm, result.grad_norm)
-        self.correct += logits_correct
-        self.seen += batch_size
+        self.correct += result.correct
+        self.seen += result.count
 
     def summary(self) -> dict:
         applied = max(1, self.steps - self.skipped)
@@ -61,9 +68,23 @@ class EpochStats:
                 "train_accuracy": self.correct / max(1, self.seen)}
 
 
+def check_selection(select: str, has_val_actors: bool, epochs: int) -> str:
+    """Refuse a selection that needs validation actors when there are none; describe the plan in one line."""
+    if select not in SELECTIONS:
+        raise ConfigError(f"SELECT_CHECKPOINT must be one of {', '.join(SELECTIONS)}, got '{select}'")
+    if select == "best_val" and not has_val_actors:
+        raise ConfigError("SELECT_CHECKPOINT='best_val' needs validation actors (N_VAL_ACTORS > 0 or VAL_ACTORS); "
+                          "with none, use 'last' or 'ema' (a fixed budget)")
+    if not has_val_actors:
+        return f"no validation actors: a fixed budget of {epochs} epochs, then the {select} weights are tested"
+    if select == "best_val":
+        return "the best-validation epoch is tested (early stopping on validation)"
+    return f"a fixed budget of {epochs} epochs, then the {select} weights are tested (validation is only logged)"
+
+
 def resume(run: RunFolder, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-           model_name: str) -> Progress:
-    """Restore model, optimizer, scaler, RNG and progress from `run`'s last checkpoint, if there is one."""
+           model_name: str, ema: WeightEMA | None = None) -> Progress:
+    """Restore model, optimizer, scaler, RNG, weight average and progress from `run`'s last checkpoint, if any."""
     if not run.has_checkpoint():
         return Progress()
     state = load_checkpoint(run.last)
@@ -74,6 +95,8 @@ def resume(run: RunFolder, model: nn.Module, optimizer: torch.optim.Optimizer, s
         raise ConfigError(f"{run.last}: its optimizer state does not fit this model ({err}); "
                           "start a new RUN_NAME") from None
     scaler.load_state_dict(state["scaler"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
     set_rng_state(state["rng"])
     progress = Progress(**state["progress"])
     print(f"resumed {run.dir} at stage {progress.stage}, epoch {progress.epoch}, step {progress.step}")
@@ -81,29 +104,60 @@ def resume(run: RunFolder, model: nn.Module, optimizer: torch.optim.Optimizer, s
 
 
 def end_epoch(run: RunFolder, progress: Progress, model: nn.Module, model_name: str,
-              optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, val_metrics: dict,
-              train_stats: dict, lr: float, config: dict, select_metric: str = "accuracy") -> bool:
-    """Record an epoch: log line, history, best and last checkpoints. Returns True if validation improved."""
+              optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, val_metrics: dict | None,
+              train_stats: dict, lr: float, config: dict, *, select: str = "best_val",
+              select_metric: str = "accuracy", ema: WeightEMA | None = None,
+              feature_stats: tuple | None = None) -> bool:
+    """Record an epoch: log line, history, last checkpoint, and ckpt_best.pt = the weights `select` picks (the
+    EMA weights, the last epoch's, or the best validation epoch's). Returns True if ckpt_best.pt was updated.
+
+    `val_metrics` is None without validation actors (a fixed budget); then no early stopping can happen.
+    """
     progress.epoch += 1
     progress.skipped_steps += train_stats["skipped_steps"]
     record = {"stage": progress.stage, "epoch": len(progress.history) + 1, "stage_epoch": progress.epoch,
-              "step": progress.step, "lr": lr, **train_stats,
-              "val_loss": val_metrics["loss"], "val_accuracy": val_metrics["accuracy"], "val_uar": val_metrics["uar"]}
+              "step": progress.step, "lr": lr, **train_stats}
+    if val_metrics is not None:
+        record.update(val_loss=val_metrics["loss"], val_accuracy=val_metrics["accuracy"], val_uar=val_metrics["uar"])
     progress.history.append(record)
     run.log(record)
-    improved = val_metrics[select_metric] > progress.best_metric
+    improved = select != "best_val" or val_metrics[select_metric] > progress.best_metric
     if improved:
-        progress.best_metric = val_metrics[select_metric]
+        progress.best_metric = val_metrics[select_metric] if val_metrics is not None else -1.0
         progress.best_epoch = record["epoch"]
         progress.epochs_since_best = 0
     else:
         progress.epochs_since_best += 1
-    state = make_state(model, model_name, optimizer, scaler, progress=asdict(progress), run_config=config)
-    if improved:
-        save_checkpoint(run.best, state)
+    stats = feature_stats_entry(feature_stats)
+    extra = {"ema": ema.state_dict()} if ema is not None else {}
+    state = make_state(model, model_name, optimizer, scaler, progress=asdict(progress), run_config=config,
+                       feature_stats=stats, **extra)
     save_checkpoint(run.last, state)
+    if improved:
+        selected = ema.module if select == "ema" else model
+        save_checkpoint(run.best, make_state(selected, model_name, progress=asdict(progress), run_config=config,
+                                             feature_stats=stats, selection=select))
     run.plot_history(progress.history)
     return improved
+
+
+def validate(model: nn.Module, val_loader, runtime: Runtime) -> dict | None:
+    """Validation metrics, or None when the split has no validation actors."""
+    return evaluate(model, val_loader, runtime) if len(val_loader.dataset) else None
+
+
+def epoch_line(where: str, progress: Progress, train_stats: dict, val: dict | None, improved: bool) -> str:
+    """One line per epoch: train loss and accuracy, validation when there is some, `*` when ckpt_best.pt changed."""
+    line = (f"{where} epoch {progress.epoch}: train loss {train_stats['train_loss']:.3f} "
+            f"acc {train_stats['train_accuracy']:.1%}")
+    if val is not None:
+        line += f" | val loss {val['loss']:.3f} acc {val['accuracy']:.1%} uar {val['uar']:.1%}"
+    return line + (" *" if improved else "")
+
+
+def selected_model(model: nn.Module, ema: WeightEMA | None, select: str) -> nn.Module:
+    """The weights validation should score: the average when it is what will be tested, else the model."""
+    return ema.module if select == "ema" and ema is not None else model
 
 
 def crash_exit(run: RunFolder, batch: dict, model: nn.Module, model_name: str, err: Exception, where: str,
@@ -116,22 +170,33 @@ def crash_exit(run: RunFolder, batch: dict, model: nn.Module, model_name: str, e
                      f"replay it with: python debug_gradients.py --replay={dump}")
 
 
-def next_stage(progress: Progress) -> None:
-    """Move the counters to the next stage of progressive training; early stopping restarts per stage."""
+def next_stage(progress: Progress, patience: int, stage_name: str) -> None:
+    """Move the counters to the next stage of progressive training (early stopping restarts per stage); say so
+    when the stage ended early."""
+    if progress.epochs_since_best >= patience:
+        print(f"{stage_name}: stopped early after {progress.epoch} epochs, no validation improvement in the last "
+              f"{patience} (best epoch {progress.best_epoch})")
     progress.stage += 1
     progress.epoch = 0
     progress.epochs_since_best = 0
 
 
 def final_test(run: RunFolder, model: nn.Module, model_name: str, test_loader, runtime: Runtime,
-               class_names: list[str], extra: dict | None = None) -> dict:
-    """Evaluate the best checkpoint on the test actors; write metrics.json and the confusion-matrix figure."""
+               class_names: list[str], extra: dict | None = None, audio_shifts: int = 0,
+               shift_steps: int = 0) -> dict:
+    """Evaluate the selected weights (ckpt_best.pt) on the test actors, with optional time-shift test-time
+    averaging (`training.step.predict`); write metrics.json, with every clip's probabilities so that runs of
+    several seeds can be ensembled, and the confusion-matrix figure."""
     state = load_checkpoint(run.best if run.best.exists() else run.last)
     load_model_weights(model, state, model_name, run.best)
-    metrics = evaluate(model, test_loader, runtime, num_classes=len(class_names))
+    metrics = evaluate(model, test_loader, runtime, len(class_names), audio_shifts, shift_steps)
+    if audio_shifts:
+        metrics["accuracy_without_tta"] = evaluate(model, test_loader, runtime, len(class_names))["accuracy"]
     progress = state["progress"]
     metrics.update({"best_epoch": progress["best_epoch"], "best_val": progress["best_metric"],
-                    "skipped_steps": progress["skipped_steps"], "steps": progress["step"], **(extra or {})})
+                    "selection": state.get("selection", "best_val"), "test_time_shifts": audio_shifts,
+                    "skipped_steps": progress["skipped_steps"], "steps": progress["step"],
+                    "clip_ids": [record.clip_id for record in test_loader.dataset.records], **(extra or {})})
     run.write_metrics(metrics)
     run.plot_confusion(metrics["confusion"], class_names,
                        f"test accuracy {metrics['accuracy']:.1%}, UAR {metrics['uar']:.1%}")
@@ -147,6 +212,35 @@ def fold_list(fold: int | str, n_folds: int) -> list[int]:
     raise ConfigError(f"FOLD must be 'all' or 0..{n_folds - 1}, got {fold!r}")
 
 
+# Constants that may differ between invocations of one run: which fold a process trains, and where it runs.
+RUN_INDEPENDENT_KEYS = ("FOLD", "NUM_WORKERS", "PREP_WORKERS", "DEVICE", "RESTART")
+
+
+def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_description: str,
+             restart: bool = False) -> RunFolder:
+    """The run folder, with config.json written; refuses to continue a run made with other constants.
+
+    A run resumes (or reports its finished folds) under its RUN_NAME; with changed constants that would mix two
+    recipes in one result, so it is a one-line error unless `restart` deletes the old folder first.
+    """
+    run = RunFolder(script, run_name, output_dir)
+    previous = run.read_metrics("config.json")
+    if previous is not None and restart:
+        shutil.rmtree(run.dir)
+        run = RunFolder(script, run_name, output_dir)
+    elif previous is not None:
+        old, new = previous.get("config", {}), to_jsonable(config)
+        changed = [k for k in sorted(set(old) | set(new))
+                   if k not in RUN_INDEPENDENT_KEYS and old.get(k) != new.get(k)]
+        if changed:
+            detail = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise ConfigError(f"{run.dir} was made with other constants ({detail}{more}); use another --run_name, "
+                              "or --restart=True to delete it and start over")
+    run.write_config(config, runtime_description)
+    return run
+
+
 def cross_validate(run: RunFolder, folds: list[int], train_fold: Callable[[RunFolder, int], dict],
                    protocol: str, explicit_split: bool = False) -> list[dict]:
     """Train each fold (skipping folds whose metrics.json exists) and report mean +- std when there are several.
@@ -157,7 +251,11 @@ def cross_validate(run: RunFolder, folds: list[int], train_fold: Callable[[RunFo
     results = []
     for fold in folds:
         fold_run = run if explicit_split else run.sub(f"fold{fold}")
-        results.append(fold_run.read_metrics() or train_fold(fold_run, fold))
+        finished = fold_run.read_metrics()
+        if finished is not None:
+            print(f"fold {fold} finished earlier: test accuracy {finished['accuracy']:.1%}, UAR {finished['uar']:.1%} "
+                  f"({fold_run.dir / 'metrics.json'}; --restart=True trains it again)")
+        results.append(finished or train_fold(fold_run, fold))
     if len(folds) > 1:
         report_folds(run, results, protocol)
     return results

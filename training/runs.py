@@ -104,11 +104,13 @@ class RunFolder:
 
         epochs = [h["epoch"] for h in history]
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+        validated = [h for h in history if "val_loss" in h]  # none in a run without validation actors
         ax_loss.plot(epochs, [h["train_loss"] for h in history], label="train")
-        ax_loss.plot(epochs, [h["val_loss"] for h in history], label="validation")
-        ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
         ax_acc.plot(epochs, [h["train_accuracy"] for h in history], label="train")
-        ax_acc.plot(epochs, [h["val_accuracy"] for h in history], label="validation")
+        if validated:
+            ax_loss.plot([h["epoch"] for h in validated], [h["val_loss"] for h in validated], label="validation")
+            ax_acc.plot([h["epoch"] for h in validated], [h["val_accuracy"] for h in validated], label="validation")
+        ax_loss.set(xlabel="epoch", ylabel="cross-entropy", title="Loss")
         ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy", ylim=(0, 1))
         for ax in (ax_loss, ax_acc):
             ax.grid(alpha=0.3)

@@ -35,6 +35,8 @@ class StepResult:
     grad_norm: float  # global L2 norm of the true-scale gradients before clipping (inf/nan when overflowed)
     skipped: bool  # the GradScaler skipped the optimizer step because a gradient overflowed
     scale: float  # the loss scale used for this step (1.0 without a scaler)
+    correct: int = 0  # training samples of the batch whose argmax prediction was right
+    count: int = 0  # samples in the batch
 
 
 def move_batch(batch: dict, device: torch.device) -> dict:
@@ -82,31 +84,48 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     skipped = scaler.is_enabled() and scaler.get_scale() < scale
-    return StepResult(loss=loss.item(), grad_norm=float(grad_norm), skipped=bool(skipped), scale=float(scale))
+    correct = int((logits.argmax(dim=-1) == batch["label"]).sum())
+    return StepResult(loss=loss.item(), grad_norm=float(grad_norm), skipped=bool(skipped), scale=float(scale),
+                      correct=correct, count=len(batch["label"]))
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, runtime: Runtime) -> tuple[np.ndarray, np.ndarray, float]:
-    """Labels, predictions and mean loss over a loader."""
+def predict(model: nn.Module, loader, runtime: Runtime, audio_shifts: int = 0, shift_steps: int = 0
+            ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Labels, class probabilities (N, classes) and mean loss over a loader.
+
+    Test-time augmentation: with `audio_shifts` = k > 0 the probabilities are averaged over the clip and 2k
+    circularly time-shifted copies of its log-mel (+-shift_steps, +-2 shift_steps, ... frames), the same shift the
+    training augmentation draws from.
+    """
     model.eval()
-    labels, preds, losses, count = [], [], 0.0, 0
+    labels, probs, losses, count = [], [], 0.0, 0
+    offsets = [i * shift_steps for i in range(-audio_shifts, audio_shifts + 1)] if shift_steps else [0]
     for batch in loader:
         batch = move_batch(batch, runtime.device)
-        with runtime.autocast():
-            logits = model(batch)
-        losses += F.cross_entropy(logits.float(), batch["label"], reduction="sum").item()
+        p = 0.0
+        for offset in offsets:
+            shifted = {**batch, "audio": torch.roll(batch["audio"], offset, dims=-1)} if offset else batch
+            with runtime.autocast():
+                p = p + model(shifted).float().softmax(dim=-1)
+        p = p / len(offsets)
+        losses += F.nll_loss(p.clamp_min(1e-12).log(), batch["label"], reduction="sum").item()
         count += len(batch["label"])
         labels.append(batch["label"].cpu().numpy())
-        preds.append(logits.argmax(dim=-1).cpu().numpy())
+        probs.append(p.cpu().numpy())
     if count == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), float("nan")
-    return np.concatenate(labels), np.concatenate(preds), losses / count
+        return np.zeros(0, np.int64), np.zeros((0, 0), np.float32), float("nan")
+    return np.concatenate(labels), np.concatenate(probs), losses / count
 
 
-def evaluate(model: nn.Module, loader, runtime: Runtime, num_classes: int = 8) -> dict:
-    """Accuracy, UAR, macro-F1, per-class accuracy, confusion matrix and mean loss of `model` on `loader`."""
-    labels, preds, loss = predict(model, loader, runtime)
-    return {**classification_metrics(labels, preds, num_classes), "loss": loss}
+def evaluate(model: nn.Module, loader, runtime: Runtime, num_classes: int = 8, audio_shifts: int = 0,
+             shift_steps: int = 0) -> dict:
+    """Accuracy, UAR, macro-F1, per-class accuracy, confusion matrix and mean loss of `model` on `loader` (with
+    optional time-shift test-time averaging, see `predict`), and the class probabilities of every clip."""
+    labels, probs, loss = predict(model, loader, runtime, audio_shifts, shift_steps)
+    preds = probs.argmax(axis=-1) if len(labels) else labels
+    return {**classification_metrics(labels, preds, num_classes), "loss": loss,
+            "probabilities": probs.round(5).tolist()}
 
 
 def cosine_lr(step: int, total_steps: int, warmup_steps: int, base_lr: float, min_lr_ratio: float = 0.05) -> float:
