@@ -11,10 +11,14 @@ only if nothing could be predicted.
 
 --checkpoint takes a checkpoint file or a run folder: a folder gives its ckpt_best.pt, a cross-validation run
 folder with one fold that fold's (with several, name one: .../fold2). The default is the quick start's run.
+Several checkpoints separated by commas (e.g. the same recipe trained with 3 seeds) form an ensemble: their class
+probabilities are averaged. --time_shifts=k also averages each window over 2k circular time shifts of its audio
+(up to the training run's TIME_SHIFT_SECONDS), the test-time averaging of the training scripts' TEST_TIME_SHIFTS.
 
     python predict.py my_clips/ talk.wav                  # the model of the README's quick start
     python predict.py interview.mp4 --checkpoint=checkpoints/train_lite_model/lite --output=preds.csv
     python predict.py --webcam --checkpoint=checkpoints/train_simple_working/simple   (live, face only)
+    python predict.py talk.wav --checkpoint=runs/seed0,runs/seed1,runs/seed2 --time_shifts=2   (ensemble + TTA)
 Colab:
     !python predict.py /content/drive/MyDrive/my_clips --checkpoint=/content/drive/MyDrive/ckpt_best.pt --output=preds.json
 """
@@ -43,7 +47,9 @@ from training.config import ConfigError, run_script
 from training.runtime import resolve_device
 
 # ---- model
-CHECKPOINT = "checkpoints/train_simple_working/simple"  # a run folder (its best checkpoint) or a ckpt_*.pt file
+CHECKPOINT = "checkpoints/train_simple_working/simple"  # a run folder (its best checkpoint) or a ckpt_*.pt file;
+# several separated by commas: an ensemble averaging their probabilities
+TIME_SHIFTS = 0  # k > 0: average each window over the audio and 2k circular time shifts of it (test-time averaging)
 DEVICE = "auto"  # "auto" (GPU if there is one), "cpu", "cuda", "cuda:1"
 
 # ---- preprocessing
@@ -63,14 +69,21 @@ WEBCAM_EVERY_SECONDS = 1.0  # seconds of video between two live predictions
 
 @dataclass
 class Predictor:
-    """A checkpoint's model in eval mode with the preprocessing it was trained with."""
+    """A checkpoint's model (or an ensemble of models of one kind) in eval mode with the preprocessing it was
+    trained with."""
 
-    model: nn.Module
+    models: list[nn.Module]
     model_name: str
     settings: Settings
     settings_source: str
     device: torch.device
-    checkpoint: Path  # the file it was loaded from (a run folder resolves to its best checkpoint)
+    checkpoint: Path  # the file it was loaded from (a run folder resolves to its best checkpoint); the first one
+    shift_steps: list[int] = field(default_factory=lambda: [0])  # circular audio shifts averaged, in log-mel frames
+
+    @property
+    def model(self) -> nn.Module:
+        """The first model: all of an ensemble's models see the same inputs (checked when loaded)."""
+        return self.models[0]
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -97,14 +110,24 @@ class Predictor:
 
     def describe(self) -> str:
         params = sum(p.numel() for p in self.model.parameters())
-        return f"model '{self.model_name}' ({params:,} parameters) on {self.inputs}"
+        what = f"model '{self.model_name}' ({params:,} parameters)"
+        if len(self.models) > 1:
+            what = f"ensemble of {len(self.models)} {what}"
+        shifts = f", averaged over {len(self.shift_steps)} audio time shifts" if len(self.shift_steps) > 1 else ""
+        return f"{what} on {self.inputs}{shifts}"
 
     @torch.inference_mode()
     def probabilities(self, windows: Windows) -> np.ndarray:
-        """Class probabilities of a file: the softmax of each window, averaged over the windows."""
+        """Class probabilities of a file: the softmax of each window, averaged over the windows, the audio time
+        shifts and the models of an ensemble."""
         batch = to_batch(windows, self.settings, self.visual_input, self.model.config.get("feature_dim", 35))
         batch = {k: v.to(self.device) for k, v in batch.items()}
-        return self.model(batch).float().softmax(dim=-1).mean(dim=0).cpu().numpy()
+        total = 0.0
+        for shift in self.shift_steps if self.uses_audio else [0]:
+            shifted = {**batch, "audio": torch.roll(batch["audio"], shift, dims=-1)} if shift else batch
+            for model in self.models:
+                total = total + model(shifted).float().softmax(dim=-1).mean(dim=0)
+        return (total / (len(self.models) * len(self.shift_steps if self.uses_audio else [0]))).cpu().numpy()
 
 
 @dataclass
@@ -170,18 +193,29 @@ def preprocessing_settings(state: dict, preprocess_from: str = "") -> tuple[Sett
             "data/preprocess.py)")
 
 
-def load_predictor(checkpoint: str | Path, device: str = "auto", preprocess_from: str = "") -> Predictor:
-    """Rebuild the checkpoint's model (a checkpoint file or a run folder) from its stored name and config, load the
-    weights, eval mode."""
-    path = resolve_checkpoint(checkpoint)
-    state = load_checkpoint(path)
-    model = rebuild_model(state, path)
+def load_predictor(checkpoint: str | Path, device: str = "auto", preprocess_from: str = "",
+                   time_shifts: int = 0) -> Predictor:
+    """Rebuild each checkpoint's model (checkpoint files or run folders, comma-separated for an ensemble) from its
+    stored name and config, load the weights, eval mode."""
+    paths = [resolve_checkpoint(part.strip()) for part in str(checkpoint).split(",") if part.strip()]
+    if not paths:
+        raise ConfigError("--checkpoint is empty")
     resolved = resolve_device(device)
-    model.to(resolved).eval()
-    settings, source = preprocessing_settings(state, preprocess_from)
-    predictor = Predictor(model, state["model_name"], settings, source, resolved, path)
+    states = [load_checkpoint(path) for path in paths]
+    models = [rebuild_model(state, path).to(resolved).eval() for state, path in zip(states, paths)]
+    for path, model in zip(paths[1:], models[1:]):
+        if [model.config.get(k) for k in ("modalities", "visual_input")] != \
+                [models[0].config.get(k) for k in ("modalities", "visual_input")]:
+            raise ConfigError(f"{path} sees other inputs than {paths[0]}; an ensemble needs models of the same inputs")
+    settings, source = preprocessing_settings(states[0], preprocess_from)
+    shift_seconds = states[0].get("run_config", {}).get("TIME_SHIFT_SECONDS", 0.0) or 0.0
+    step = round(shift_seconds * settings.sample_rate / settings.hop / time_shifts) if time_shifts else 0
+    shifts = [i * step for i in range(-time_shifts, time_shifts + 1)] if step else [0]
+    if time_shifts and not step:
+        print(f"note: {paths[0]} was trained without a time shift; --time_shifts is ignored")
+    predictor = Predictor(models, states[0]["model_name"], settings, source, resolved, paths[0], shifts)
     if not predictor.uses_audio and not predictor.uses_frames:
-        raise ConfigError(f"{path}: this model sees only per-clip visual features (visual_input='features', "
+        raise ConfigError(f"{paths[0]}: this model sees only per-clip visual features (visual_input='features', "
                           "e.g. OpenFace action units), which predict.py cannot compute from a video or sound file")
     return predictor
 
@@ -336,7 +370,9 @@ def main(paths: list[str]) -> int:
         raise ConfigError(f"--window_hop_seconds must be > 0, --max_windows >= 1 and --top_k 1-{len(EMOTIONS)}")
     # Unreadable files are reported in the table; OpenCV's own warnings about them would only add noise.
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
-    predictor = load_predictor(CHECKPOINT, DEVICE, PREPROCESS_FROM)
+    if TIME_SHIFTS < 0:
+        raise ConfigError(f"--time_shifts must be >= 0, got {TIME_SHIFTS}")
+    predictor = load_predictor(CHECKPOINT, DEVICE, PREPROCESS_FROM, TIME_SHIFTS)
     print(f"{predictor.describe()} from {predictor.checkpoint}")
     s = predictor.settings
     print(f"preprocessing from {predictor.settings_source}: {s.seconds:g} s windows, {s.n_frames} frames of "

@@ -338,3 +338,29 @@ def test_command_line(media, trained_simple, tmp_path):
                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert wrong.returncode == 2
     assert wrong.stderr.strip().splitlines() == ["error: unknown option --windw_hop (did you mean --window_hop_seconds?)"]
+
+
+def test_ensemble_and_time_shifts_average_probabilities(media, tmp_path, monkeypatch):
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = build_model("simple", {**SMALL_CONFIGS["simple"], "modalities": ["audio"]})
+        model.init_weights("kaiming")
+        paths.append(tmp_path / f"seed{seed}.pt")
+        save_checkpoint(paths[-1], make_state(model, "simple", run_config={"TIME_SHIFT_SECONDS": 0.3}))
+    single = [run_main(monkeypatch, [media["wav"]], checkpoint=str(p), output=tmp_path / f"{p.stem}.json")[1][0]
+              for p in paths]
+    _, ensemble = run_main(monkeypatch, [media["wav"]], checkpoint=f"{paths[0]},{paths[1]}",
+                           output=tmp_path / "ensemble.json")
+    expected = (np.array(list(single[0]["probabilities"].values())) +
+                np.array(list(single[1]["probabilities"].values()))) / 2
+    np.testing.assert_allclose(list(ensemble[0]["probabilities"].values()), expected, atol=1e-5)
+
+    predictor = predict.load_predictor(paths[0], "cpu", time_shifts=2)
+    assert predictor.shift_steps == [-30, -15, 0, 15, 30]  # 0.3 s of 10 ms frames, in 2 steps each way
+    windows = read_windows(media["wav"], predictor.settings, audio=True, frames=False, hop=1.0)
+    batch = to_batch(windows, predictor.settings, "frames")
+    with torch.no_grad():
+        by_hand = np.mean([predictor.model({**batch, "audio": torch.roll(batch["audio"], s, -1)}).softmax(-1)
+                           .mean(0).numpy() for s in predictor.shift_steps], axis=0)
+    np.testing.assert_allclose(predictor.probabilities(windows), by_hand, atol=1e-5)
