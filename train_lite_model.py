@@ -96,7 +96,7 @@ LABEL_SMOOTHING = 0.1
 
 # ---- model selection and testing
 SELECT_CHECKPOINT = "last"  # last | ema | best_val: the weights tested and kept as ckpt_best.pt
-EMA_DECAY = 0.99  # per step, for SELECT_CHECKPOINT="ema"
+EMA_DECAY = 0.99  # per step: the exponential moving average of the weights (tested with SELECT_CHECKPOINT="ema")
 SELECT_METRIC = "accuracy"  # validation metric of SELECT_CHECKPOINT="best_val": accuracy | uar | macro_f1
 PATIENCE = 10  # early stopping (best_val only): epochs without validation improvement
 TEST_TIME_SHIFTS = 0  # k > 0: test probabilities averaged over the clip and 2k circular time shifts of its audio
@@ -159,7 +159,7 @@ def train_fold(run: RunFolder, fold: int, settings: DataSettings, cache, runtime
     print(check_selection(SELECT_CHECKPOINT, len(loaders.val.dataset) > 0, sum(s["epochs"] for s in stages)))
     optimizer = make_optimizer(model, stages[0]["lr"], WEIGHT_DECAY)
     scaler = runtime.make_scaler()
-    ema = WeightEMA(model, EMA_DECAY) if SELECT_CHECKPOINT == "ema" else None
+    ema = WeightEMA(model, EMA_DECAY)  # kept whatever SELECT_CHECKPOINT is: metrics.json compares both
     progress = resume(run, model, optimizer, scaler, MODEL_NAME, ema)
     loss_fn = partial(cross_entropy, label_smoothing=LABEL_SMOOTHING)
     steps_per_epoch = len(loaders.train)
@@ -185,8 +185,7 @@ def train_fold(run: RunFolder, fold: int, settings: DataSettings, cache, runtime
                 except NonFiniteLossError as err:
                     crash_exit(run, batch, model, MODEL_NAME, err, f"fold {fold}, epoch {progress.epoch + 1}",
                                scaler, progress)
-                if ema is not None:
-                    ema.update(model)
+                ema.update(model)
                 progress.step += 1
                 stats.update(result)
                 bar.set_postfix(loss=f"{result.loss:.3f}", gnorm=f"{result.grad_norm:.2f}")
@@ -200,7 +199,7 @@ def train_fold(run: RunFolder, fold: int, settings: DataSettings, cache, runtime
 
     test = final_test(run, model, MODEL_NAME, loaders.test, runtime, loaders.class_names,
                       {"fold": fold, "test_actors": list(split.test), "val_actors": list(split.val)},
-                      TEST_TIME_SHIFTS, loaders.time_shift_steps(TEST_TIME_SHIFTS))
+                      TEST_TIME_SHIFTS, loaders.time_shift_steps(TEST_TIME_SHIFTS), loaders.time_shift_steps(2))
     print(f"fold {fold} test (actors {split.test}): accuracy {test['accuracy']:.1%}, UAR {test['uar']:.1%}")
     return test
 

@@ -118,7 +118,10 @@ def test_a_run_logs_true_train_accuracy_and_tests_the_ema_weights(script, synthe
     for key, value in best["model"].items():  # ckpt_best.pt holds the EMA weights, not the last ones
         assert torch.equal(value, averaged[key]), key
     assert any(not torch.equal(best["model"][k], last["model"][k]) for k in best["model"] if "weight" in k)
-    assert json.loads((fold / "metrics.json").read_text())["selection"] == "ema"
+    metrics = json.loads((fold / "metrics.json").read_text())
+    assert metrics["selection"] == "ema"
+    assert set(metrics["alternatives"]) == {"last", "last_shifts2", "ema", "ema_shifts2"}
+    assert metrics["alternatives"]["ema"] == metrics["accuracy"]
 
 
 @pytest.mark.parametrize("script", ["train_simple_working"], indirect=True)

@@ -183,24 +183,46 @@ def next_stage(progress: Progress, patience: int, stage_name: str) -> None:
 
 def final_test(run: RunFolder, model: nn.Module, model_name: str, test_loader, runtime: Runtime,
                class_names: list[str], extra: dict | None = None, audio_shifts: int = 0,
-               shift_steps: int = 0) -> dict:
+               shift_steps: int = 0, compare_shift_steps: int = 0) -> dict:
     """Evaluate the selected weights (ckpt_best.pt) on the test actors, with optional time-shift test-time
     averaging (`training.step.predict`); write metrics.json, with every clip's probabilities so that runs of
-    several seeds can be ensembled, and the confusion-matrix figure."""
+    several seeds can be ensembled, and the confusion-matrix figure.
+
+    metrics.json also records `alternatives`: the test accuracy of the last and of the EMA weights, each with and
+    without 2 x 2 time shifts of `compare_shift_steps` frames. The choice of weights never changes training, so
+    one run measures every selection recipe (README, Results: "Model selection and test-time averaging").
+    """
+    last = load_checkpoint(run.last)
+    alternatives = {}
+    for name, weights in (("last", last["model"]), ("ema", _ema_weights(last))):
+        if weights is None:
+            continue
+        model.load_state_dict(weights)
+        alternatives[name] = evaluate(model, test_loader, runtime, len(class_names))["accuracy"]
+        if compare_shift_steps:
+            alternatives[f"{name}_shifts2"] = evaluate(model, test_loader, runtime, len(class_names), 2,
+                                                       compare_shift_steps)["accuracy"]
     state = load_checkpoint(run.best if run.best.exists() else run.last)
     load_model_weights(model, state, model_name, run.best)
     metrics = evaluate(model, test_loader, runtime, len(class_names), audio_shifts, shift_steps)
-    if audio_shifts:
-        metrics["accuracy_without_tta"] = evaluate(model, test_loader, runtime, len(class_names))["accuracy"]
     progress = state["progress"]
     metrics.update({"best_epoch": progress["best_epoch"], "best_val": progress["best_metric"],
                     "selection": state.get("selection", "best_val"), "test_time_shifts": audio_shifts,
-                    "skipped_steps": progress["skipped_steps"], "steps": progress["step"],
-                    "clip_ids": [record.clip_id for record in test_loader.dataset.records], **(extra or {})})
+                    "alternatives": alternatives, "skipped_steps": progress["skipped_steps"],
+                    "steps": progress["step"], "clip_ids": [record.clip_id for record in test_loader.dataset.records],
+                    **(extra or {})})
     run.write_metrics(metrics)
     run.plot_confusion(metrics["confusion"], class_names,
                        f"test accuracy {metrics['accuracy']:.1%}, UAR {metrics['uar']:.1%}")
     return metrics
+
+
+def _ema_weights(state: dict) -> dict | None:
+    """The averaged model's state dict inside a checkpoint's `ema` entry (AveragedModel prefixes `module.`)."""
+    ema = state.get("ema")
+    if ema is None:
+        return None
+    return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
 
 
 def fold_list(fold: int | str, n_folds: int) -> list[int]:
