@@ -54,18 +54,19 @@ SHARED = "../shared/data"  # only used to build TRAIN_ARGS below
 TRAIN_ARGS = ["--dataset=ravdess", f"--data_root={SHARED}/ravdess_speech_16k",
               "--cache_dir=checkpoints/cache/ravdess_speech_16k_16x112", "--visual_input=features",
               f"--feature_file={SHARED}/ravdess_clip_features/au_mfcc.npz", "--num_workers=0",
-              "--preset=cpu", "--stage1_epochs=8", "--stage2_epochs=3", "--patience=5"]
+              "--preset=cpu"]
 # The search space: a constant of TRAIN_SCRIPT (lower case, as on its command line) -> its distribution:
 #   ("log", low, high) a float drawn log-uniformly | ("float", low, high) | ("int", low, high[, step])
 #   | ("choice", (value, value, ...)).
-# Lite's cpu preset fixes width and dropout, so the default space tunes what that preset leaves open.
+# The default space: the recipe constants of the training scripts (README, "The training recipe").
 SEARCH_SPACE = {
-    "stage1_lr": ("log", 3e-4, 1e-2),
-    "stage2_lr": ("log", 2e-5, 1e-3),
-    "weight_decay": ("log", 1e-3, 0.3),
-    "modality_dropout": ("float", 0.0, 0.5),
+    "stage1_lr": ("log", 5e-4, 5e-3),
+    "weight_decay": ("log", 1e-3, 0.1),
     "label_smoothing": ("float", 0.0, 0.2),
-    "batch_size": ("choice", (16, 32, 64)),
+    "time_shift_seconds": ("float", 0.0, 0.5),
+    "time_mask_seconds": ("float", 0.0, 1.0),
+    "feature_noise": ("float", 0.0, 0.3),
+    "modality_dropout": ("float", 0.0, 0.5),
     "fusion": ("choice", ("concat", "product", "gated", "cross_attention", "transformer")),
 }
 
