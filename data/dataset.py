@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from data.preprocess import Settings
 from data.ravdess import DataError, Split, check_actor_disjoint, parse_name
@@ -291,12 +291,23 @@ def build_datasets(cache_dir: str | os.PathLike | None, split: Split, *,
 
 
 def make_loaders(train: RavdessDataset, val: RavdessDataset, test: RavdessDataset, batch_size: int,
-                 num_workers: int = 0, seed: int = 0) -> tuple[DataLoader, DataLoader, DataLoader]:
+                 num_workers: int = 0, seed: int = 0, rank: int = 0, world_size: int = 1
+                 ) -> tuple[DataLoader, DataLoader, DataLoader]:
     """DataLoaders: train shuffled with a seeded generator (reproducible order) and without a last batch of one
-    sample (BatchNorm cannot train on it); val and test in order."""
+    sample (BatchNorm cannot train on it); val and test in order.
+
+    With `world_size` > 1 processes (torchrun) the training loader holds this rank's share of the shuffled order, a
+    `DistributedSampler` (the same permutation on every rank, padded to equal shares; `Loaders.set_epoch` seeds
+    it). Val and test stay whole: rank 0 evaluates them (training.progress.validate)."""
     extra = dict(num_workers=num_workers, persistent_workers=num_workers > 0)
     generator = torch.Generator().manual_seed(seed)
-    return (DataLoader(train, batch_size, shuffle=True, generator=generator,
-                       drop_last=len(train) % batch_size == 1, **extra),
+    if world_size > 1:
+        sampler = DistributedSampler(train, world_size, rank, shuffle=True, seed=0)  # reseeded by set_epoch
+        train_loader = DataLoader(train, batch_size, sampler=sampler, generator=generator,
+                                  drop_last=len(sampler) % batch_size == 1, **extra)
+    else:
+        train_loader = DataLoader(train, batch_size, shuffle=True, generator=generator,
+                                  drop_last=len(train) % batch_size == 1, **extra)
+    return (train_loader,
             DataLoader(val, batch_size, shuffle=False, **extra),
             DataLoader(test, batch_size, shuffle=False, **extra))

@@ -13,12 +13,13 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from data.dataset import AudioAugment, build_datasets, load_manifest, make_loaders
 from data.preprocess import prepare_cache
 from data.ravdess import EMOTIONS, DataError, Split, kfold_split, split_actors
 from data.synthetic import make_synthetic_ravdess
+from training import distributed
 
 DATASETS = ("synthetic", "ravdess")
 # The quick-start synthetic set: 12 actors so that a 6-fold split has 8 training actors per fold.
@@ -77,8 +78,18 @@ class Loaders:
         return round(dataset.spec_augment.time_shift_seconds * dataset.audio_steps_per_second / shifts)
 
     def set_epoch(self, epoch: int) -> None:
-        """Seed the training order from (seed, epoch), so a resumed run visits batches as an uninterrupted one."""
-        self.train.generator.manual_seed(self.seed * 100_003 + epoch)
+        """Seed the training order from (seed, epoch), so a resumed run visits batches as an uninterrupted one.
+
+        Under torchrun each rank's DistributedSampler draws the permutation one process would draw, so the ranks'
+        batches together are one process's batches of N x BATCH_SIZE; the loader's generator, which seeds the
+        workers' augmentation, is offset by the rank so that ranks augment differently."""
+        epoch_seed = self.seed * 100_003 + epoch
+        sampler = self.train.sampler
+        if isinstance(sampler, DistributedSampler):
+            sampler.set_epoch(epoch_seed)  # its seed is 0: the permutation is seeded with epoch_seed
+            self.train.generator.manual_seed(epoch_seed + 1_000_003 * sampler.rank)
+        else:
+            self.train.generator.manual_seed(epoch_seed)
 
 
 def _check(settings: DataSettings) -> None:
@@ -121,14 +132,24 @@ def run_data_settings(run_config: dict) -> DataSettings | None:
 
 
 def prepare_data(settings: DataSettings) -> Path:
-    """The cache folder for `settings`, preprocessing (or, for 'synthetic', generating) the data on first use."""
+    """The cache folder for `settings`, preprocessing (or, for 'synthetic', generating) the data on first use.
+
+    Under torchrun rank 0 prepares while the others wait; across nodes the cache must be on a shared file system
+    (or prepared on each node beforehand with one process)."""
     _check(settings)
+    if distributed.is_main():
+        _prepare(settings)
+    distributed.barrier()
+    return cache_plan(settings)[1]
+
+
+def _prepare(settings: DataSettings) -> None:
     root, cache, n_frames, size = cache_plan(settings)
     if settings.dataset == "synthetic":
         # The generated media only feed the cache: once it is complete they are deleted (the quick start would
         # otherwise leave ~100 MB in the output folder), and regenerated, identical, only to rebuild the cache.
         if _is_complete(cache):
-            return cache
+            return
         print(f"generating the synthetic RAVDESS-format quick-start set in {root} ...")
         # 16 kHz is the rate training uses: a 48 kHz wav would only triple the disk space.
         make_synthetic_ravdess(root, actors=SYNTHETIC_ACTORS, seconds=3.6, sample_rate=16000)
@@ -141,7 +162,6 @@ def prepare_data(settings: DataSettings) -> Path:
                   workers=settings.prepare_workers or None)
     if settings.dataset == "synthetic":
         shutil.rmtree(root)
-    return cache
 
 
 def _is_complete(cache: Path) -> bool:
@@ -187,6 +207,6 @@ def build_loaders(cache: Path, split: Split, settings: DataSettings) -> Loaders:
     train, val, test = build_datasets(cache, split, features_file=settings.feature_file or None,
                                       modalities=settings.modalities, visual=visual,
                                       spec_augment=audio_augment(settings), frame_augment=settings.frame_augment)
-    train_loader, val_loader, test_loader = make_loaders(train, val, test, settings.batch_size,
-                                                         settings.num_workers, settings.seed)
+    train_loader, val_loader, test_loader = make_loaders(train, val, test, settings.batch_size, settings.num_workers,
+                                                         settings.seed, distributed.rank(), distributed.world_size())
     return Loaders(train_loader, val_loader, test_loader, train.feature_dim, list(EMOTIONS), settings.seed)

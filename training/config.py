@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from training import distributed
+
 
 class ConfigError(ValueError):
     """A user mistake in the configuration; scripts print it as one line and exit with status 2."""
@@ -285,5 +287,7 @@ def run_script(main: Callable[..., object], namespace: dict, argv: list[str],
         print("interrupted (a training script resumes from its last checkpoint when run again with the same RUN_NAME)",
               file=sys.stderr)
         sys.exit(130)
+    finally:
+        distributed.cleanup()  # under torchrun: leave the process group (nothing to do in one process)
     if isinstance(status, int) and not isinstance(status, bool):
         sys.exit(status)

@@ -8,6 +8,7 @@ A script's loop reads:
 """
 from __future__ import annotations
 
+import math
 import shutil
 from dataclasses import asdict, dataclass, field
 from typing import Callable
@@ -21,7 +22,8 @@ from training.config import ConfigError, to_jsonable
 from training.metrics import summarize_folds
 from training.runs import RunFolder
 from training.ema import WeightEMA
-from training.runtime import Runtime, set_rng_state
+from training.distributed import all_gather, from_main, is_main, rank, sum_over_ranks, world_size
+from training.runtime import Runtime, rng_state, set_rng_state
 from training.step import StepResult, evaluate
 
 # Which weights a run tests and keeps as ckpt_best.pt: the last epoch's, their exponential moving average, or the
@@ -62,10 +64,13 @@ class EpochStats:
         self.seen += result.count
 
     def summary(self) -> dict:
+        """The epoch's means; under torchrun loss and accuracy are over every process's batches (a collective:
+        call it on every rank). Gradient norms and skipped steps are the same on every rank after DDP's sync."""
+        loss, steps, correct, seen = sum_over_ranks([self.loss, self.steps, self.correct, self.seen])
         applied = max(1, self.steps - self.skipped)
-        return {"train_loss": self.loss / max(1, self.steps), "grad_norm": self.grad_norm / applied,
+        return {"train_loss": loss / max(1, steps), "grad_norm": self.grad_norm / applied,
                 "max_grad_norm": self.max_grad_norm, "skipped_steps": self.skipped,
-                "train_accuracy": self.correct / max(1, self.seen)}
+                "train_accuracy": correct / max(1, seen)}
 
 
 def check_selection(select: str, has_val_actors: bool, epochs: int) -> str:
@@ -84,10 +89,13 @@ def check_selection(select: str, has_val_actors: bool, epochs: int) -> str:
 
 def resume(run: RunFolder, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
            model_name: str, ema: WeightEMA | None = None) -> Progress:
-    """Restore model, optimizer, scaler, RNG, weight average and progress from `run`'s last checkpoint, if any."""
-    if not run.has_checkpoint():
+    """Restore model, optimizer, scaler, RNG, weight average and progress from `run`'s last checkpoint, if any.
+
+    Under torchrun rank 0 reads the checkpoint and every rank loads it (no shared file system needed), each with its
+    own random streams; so the same torchrun command resumes after any process was killed."""
+    state = from_main(lambda: load_checkpoint(run.last) if run.has_checkpoint() else None)
+    if state is None:
         return Progress()
-    state = load_checkpoint(run.last)
     load_model_weights(model, state, model_name, run.last)
     try:
         optimizer.load_state_dict(state["optimizer"])
@@ -97,10 +105,19 @@ def resume(run: RunFolder, model: nn.Module, optimizer: torch.optim.Optimizer, s
     scaler.load_state_dict(state["scaler"])
     if ema is not None:
         ema.load_state_dict(state["ema"])
-    set_rng_state(state["rng"])
+    _restore_rng_streams(state)
     progress = Progress(**state["progress"])
     print(f"resumed {run.dir} at stage {progress.stage}, epoch {progress.epoch}, step {progress.step}")
     return progress
+
+
+def _restore_rng_streams(state: dict) -> None:
+    saved = state.get("rank_rngs", [state["rng"]])  # one per process when several wrote it (end_epoch)
+    if len(saved) == world_size():
+        set_rng_state(saved[rank()])
+    else:
+        print(f"the checkpoint holds the random streams of {len(saved)} process(es), this run has {world_size()}: "
+              "it continues with fresh streams (and another batch order), so not as the uninterrupted run would")
 
 
 def end_epoch(run: RunFolder, progress: Progress, model: nn.Module, model_name: str,
@@ -113,6 +130,9 @@ def end_epoch(run: RunFolder, progress: Progress, model: nn.Module, model_name: 
 
     `val_metrics` is None without validation actors (a fixed budget); then no early stopping can happen.
     """
+    # Every process's random streams, for an exact resume of each. First: rank 0 waits here, before it logs the
+    # epoch, for a process that died in this epoch (the log would otherwise get a line the checkpoint lacks).
+    rank_rngs = all_gather(rng_state())
     progress.epoch += 1
     progress.skipped_steps += train_stats["skipped_steps"]
     record = {"stage": progress.stage, "epoch": len(progress.history) + 1, "stage_epoch": progress.epoch,
@@ -128,22 +148,26 @@ def end_epoch(run: RunFolder, progress: Progress, model: nn.Module, model_name: 
         progress.epochs_since_best = 0
     else:
         progress.epochs_since_best += 1
-    stats = feature_stats_entry(feature_stats)
-    extra = {"ema": ema.state_dict()} if ema is not None else {}
-    state = make_state(model, model_name, optimizer, scaler, progress=asdict(progress), run_config=config,
-                       feature_stats=stats, **extra)
-    save_checkpoint(run.last, state)
-    if improved:
-        selected = ema.module if select == "ema" else model
-        save_checkpoint(run.best, make_state(selected, model_name, progress=asdict(progress), run_config=config,
-                                             feature_stats=stats, selection=select))
+    if is_main():
+        stats = feature_stats_entry(feature_stats)
+        extra = {"ema": ema.state_dict()} if ema is not None else {}
+        if len(rank_rngs) > 1:
+            extra["rank_rngs"] = rank_rngs
+        state = make_state(model, model_name, optimizer, scaler, progress=asdict(progress), run_config=config,
+                           feature_stats=stats, **extra)
+        save_checkpoint(run.last, state)
+        if improved:
+            selected = ema.module if select == "ema" else model
+            save_checkpoint(run.best, make_state(selected, model_name, progress=asdict(progress), run_config=config,
+                                                 feature_stats=stats, selection=select))
     run.plot_history(progress.history)
     return improved
 
 
 def validate(model: nn.Module, val_loader, runtime: Runtime) -> dict | None:
-    """Validation metrics, or None when the split has no validation actors."""
-    return evaluate(model, val_loader, runtime) if len(val_loader.dataset) else None
+    """Validation metrics, or None when the split has no validation actors. Under torchrun rank 0 evaluates the
+    whole split (`model` is the unwrapped module) and every rank receives the metrics."""
+    return from_main(lambda: evaluate(model, val_loader, runtime) if len(val_loader.dataset) else None)
 
 
 def epoch_line(where: str, progress: Progress, train_stats: dict, val: dict | None, improved: bool) -> str:
@@ -163,7 +187,11 @@ def selected_model(model: nn.Module, ema: WeightEMA | None, select: str) -> nn.M
 def crash_exit(run: RunFolder, batch: dict, model: nn.Module, model_name: str, err: Exception, where: str,
                scaler: torch.amp.GradScaler | None = None, progress: Progress | None = None) -> None:
     """Save the failing batch with the model state before the step (train_step raises before applying anything),
-    the scaler (its loss scale) and the progress (the step), then stop with a one-line pointer to the replay tool."""
+    the scaler (its loss scale) and the progress (the step), then stop with a one-line pointer to the replay tool.
+    Under torchrun every process stops; those whose own loss (or the shared gradient norm) was non-finite save."""
+    if math.isfinite(getattr(err, "loss", math.nan)):
+        raise SystemExit(f"error: {err} ({where}); another process's batch failed and its crash dump is in "
+                         f"{run.dir / 'crash'}")
     state = make_state(model, model_name, scaler=scaler, **({"progress": asdict(progress)} if progress else {}))
     dump = run.save_crash_dump(batch, state, str(err))
     raise SystemExit(f"error: {err} ({where}); crash dump {dump}; "
@@ -191,7 +219,15 @@ def final_test(run: RunFolder, model: nn.Module, model_name: str, test_loader, r
     metrics.json also records `alternatives`: the test accuracy of the last and of the EMA weights, each with and
     without 2 x 2 time shifts of `compare_shift_steps` frames. The choice of weights never changes training, so
     one run measures every selection recipe (README, Results: "Model selection and test-time averaging").
+    Under torchrun rank 0 tests (each clip once) and every rank returns its metrics.
     """
+    return from_main(lambda: _test_saved_weights(run, model, model_name, test_loader, runtime, class_names, extra,
+                                                 audio_shifts, shift_steps, compare_shift_steps))
+
+
+def _test_saved_weights(run: RunFolder, model: nn.Module, model_name: str, test_loader, runtime: Runtime,
+                        class_names: list[str], extra: dict | None, audio_shifts: int, shift_steps: int,
+                        compare_shift_steps: int) -> dict:
     last = load_checkpoint(run.last)
     alternatives = {}
     for name, weights in (("last", last["model"]), ("ema", _ema_weights(last))):
@@ -234,8 +270,9 @@ def fold_list(fold: int | str, n_folds: int) -> list[int]:
     raise ConfigError(f"FOLD must be 'all' or 0..{n_folds - 1}, got {fold!r}")
 
 
-# Constants that may differ between invocations of one run: which fold a process trains, and where it runs.
-RUN_INDEPENDENT_KEYS = ("FOLD", "NUM_WORKERS", "PREP_WORKERS", "DEVICE", "RESTART")
+# Constants that may differ between invocations of one run: which fold a process trains, where and on how many
+# processes it runs (SYNC_BATCHNORM acts only under torchrun; runs made before it existed resume).
+RUN_INDEPENDENT_KEYS = ("FOLD", "NUM_WORKERS", "PREP_WORKERS", "DEVICE", "RESTART", "SYNC_BATCHNORM")
 
 
 def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_description: str,
@@ -246,6 +283,8 @@ def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_
     recipes in one result, so it is a one-line error unless `restart` deletes the old folder first.
     """
     run = RunFolder(script, run_name, output_dir)
+    if not is_main():  # rank 0 checks, deletes and writes
+        return run
     previous = run.read_metrics("config.json")
     if previous is not None and restart:
         shutil.rmtree(run.dir)
@@ -273,7 +312,7 @@ def cross_validate(run: RunFolder, folds: list[int], train_fold: Callable[[RunFo
     results = []
     for fold in folds:
         fold_run = run if explicit_split else run.sub(f"fold{fold}")
-        finished = fold_run.read_metrics()
+        finished = from_main(fold_run.read_metrics)  # rank 0's file decides, for every rank
         if finished is not None:
             print(f"fold {fold} finished earlier: test accuracy {finished['accuracy']:.1%}, UAR {finished['uar']:.1%} "
                   f"({fold_run.dir / 'metrics.json'}; --restart=True trains it again)")

@@ -18,6 +18,7 @@ import torch
 
 from training.checkpoint import atomic_torch_save
 from training.config import to_jsonable
+from training.distributed import is_main, rank, world_size
 
 CHECKPOINT_ROOT = Path("checkpoints")
 
@@ -38,12 +39,17 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 class RunFolder:
-    """One run's folder. `root` defaults to ./checkpoints (a script's OUTPUT_DIR constant can move it)."""
+    """One run's folder. `root` defaults to ./checkpoints (a script's OUTPUT_DIR constant can move it).
+
+    Under torchrun only rank 0 writes here (the folder, config, log, metrics, figures); the other ranks' calls do
+    nothing, so the scripts call them on every rank. Crash dumps are the exception: the failing rank writes its own.
+    """
 
     def __init__(self, script: str, run_name: str, root: Path | str = CHECKPOINT_ROOT):
         self.script, self.run_name, self.root = script, run_name, Path(root)
         self.dir = self.root / script / run_name
-        self.dir.mkdir(parents=True, exist_ok=True)
+        if is_main():
+            self.dir.mkdir(parents=True, exist_ok=True)
         self.last = self.dir / "ckpt_last.pt"
         self.best = self.dir / "ckpt_best.pt"
 
@@ -59,6 +65,8 @@ class RunFolder:
         return RunFolder(self.script, f"{self.run_name}/{name}", root=self.root)
 
     def write_config(self, config: dict, runtime_description: str = "") -> None:
+        if not is_main():
+            return
         info = {
             "config": to_jsonable(config),
             "argv": sys.argv,
@@ -70,11 +78,15 @@ class RunFolder:
         _atomic_write_text(self.dir / "config.json", json.dumps(info, indent=2))
 
     def log(self, record: dict) -> None:
+        if not is_main():
+            return
         with open(self.dir / "log.jsonl", "a") as f:
             f.write(json.dumps(to_jsonable(record)) + "\n")
 
     def write_metrics(self, metrics: dict, name: str = "metrics.json") -> Path:
         path = self.dir / name
+        if not is_main():
+            return path
         _atomic_write_text(path, json.dumps(to_jsonable(metrics), indent=2))
         return path
 
@@ -88,15 +100,16 @@ class RunFolder:
 
     def save_crash_dump(self, batch: dict, state: dict, reason: str) -> Path:
         """Save the failing batch with `state` (the state before the step: model_name, model_config, weights, and
-        scaler and progress when given), for `debug_gradients.py --replay=...`."""
-        path = self.dir / "crash" / "crash.pt"
+        scaler and progress when given), for `debug_gradients.py --replay=...`. Under torchrun each rank writes
+        its own batch (crash_rank<r>.pt): the non-finite loss may have come from any of them."""
+        path = self.dir / "crash" / ("crash.pt" if world_size() == 1 else f"crash_rank{rank()}.pt")
         cpu_batch = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in batch.items()}
         atomic_torch_save({**state, "batch": cpu_batch, "reason": reason}, path)
         return path
 
     def plot_history(self, history: list[dict]) -> Path | None:
         """Loss and accuracy curves per epoch (train and validation) as figures/training_curves.png."""
-        if not history:
+        if not history or not is_main():
             return None
         import matplotlib
         matplotlib.use("Agg")
@@ -121,7 +134,9 @@ class RunFolder:
         plt.close(fig)
         return path
 
-    def plot_confusion(self, confusion: list[list[int]], class_names: list[str], title: str) -> Path:
+    def plot_confusion(self, confusion: list[list[int]], class_names: list[str], title: str) -> Path | None:
+        if not is_main():
+            return None
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from training import distributed
 from training.config import ConfigError
 
 AMP_DTYPES = {"float32": None, "fp32": None, "float16": torch.float16, "fp16": torch.float16,
@@ -45,7 +46,9 @@ class Runtime:
     def describe(self) -> str:
         name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "CPU"
         scaler = " + GradScaler" if self.use_scaler else ""
-        return f"device {self.device} ({name}), precision {self.precision}{scaler}"
+        processes = (f", {distributed.world_size()} processes ({torch.distributed.get_backend()})"
+                     if distributed.world_size() > 1 else "")
+        return f"device {self.device} ({name}), precision {self.precision}{scaler}{processes}"
 
 
 def resolve_device(device: str) -> torch.device:
@@ -74,9 +77,17 @@ def seed_everything(seed: int) -> None:
 
 
 def setup_runtime(device: str = "auto", amp_dtype: str = "auto", seed: int = 0) -> Runtime:
-    """Pick the device and precision, seed every generator; returns the `Runtime` the train step uses."""
-    seed_everything(seed)
+    """Pick the device and precision, seed every generator; returns the `Runtime` the train step uses.
+
+    Under torchrun it first joins the process group (`training.distributed`): process i of a node takes
+    cuda:LOCAL_RANK, and each rank seeds `seed + rank` so dropout and augmentation differ between processes (DDP
+    copies rank 0's initial weights to every rank)."""
     resolved = resolve_device(device)
+    if distributed.launched_by_torchrun() and resolved.type == "cuda" and resolved.index is not None:
+        raise ConfigError(f"DEVICE='{device}' would put every torchrun process on one GPU: use 'auto' or 'cuda' "
+                          "(process i takes cuda:LOCAL_RANK) and CUDA_VISIBLE_DEVICES to pick the GPUs")
+    resolved = distributed.init_distributed(resolved)
+    seed_everything(seed + distributed.rank())
     return Runtime(device=resolved, amp_dtype=resolve_amp_dtype(amp_dtype, resolved))
 
 

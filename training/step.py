@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.distributed import all_ranks_true
 from training.metrics import classification_metrics
 from training.runtime import Runtime
 
@@ -68,7 +69,8 @@ def train_step(
     with runtime.autocast():
         logits = model(batch)
     loss = loss_fn(logits, batch)
-    if not torch.isfinite(loss):
+    # Under torchrun every process stops when one has a non-finite loss (none may wait in backward for the others).
+    if not all_ranks_true(bool(torch.isfinite(loss))):
         raise NonFiniteLossError(loss.item())
     scale = scaler.get_scale() if scaler.is_enabled() else 1.0
     scaler.scale(loss).backward()
