@@ -30,6 +30,7 @@ from PIL import Image
 from models.encoders import FACE_CHECKPOINT_KIND
 from models.face_classifier import FaceClassifier
 from training.config import ConfigError, config_keys, run_script
+from training.distributed import from_main, shard, world_size, wrap_model
 from training.progress import EpochStats, Progress, crash_exit, end_epoch, resume
 from training.runs import RunFolder
 from training.runtime import setup_runtime
@@ -62,6 +63,7 @@ CLIP_NORM = 1.0
 DEVICE = "auto"  # "auto", "cpu", "cuda" or "cuda:1"
 AMP_DTYPE = "auto"  # auto (fp16/bf16 on GPU, fp32 on CPU) | float32 | float16 | bfloat16 (2x faster on AVX512-BF16 CPU)
 NUM_THREADS = 0  # CPU threads for PyTorch; 0 = PyTorch's default
+SYNC_BATCHNORM = True  # under torchrun: BatchNorm statistics of the global batch (all processes), not of each share
 SEED = 0
 # --- output
 OUTPUT_DIR = "checkpoints"
@@ -129,10 +131,12 @@ class FaceBatches:
         self.std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
+        images = math.ceil(len(self.labels) / world_size()) if self.augment else len(self.labels)
+        return math.ceil(images / self.batch_size)
 
     def __iter__(self):
-        order = torch.randperm(len(self.labels), generator=self.generator) if self.augment else \
+        # Training: this rank's share of one permutation (the same generator state on every rank) under torchrun.
+        order = shard(torch.randperm(len(self.labels), generator=self.generator)) if self.augment else \
             torch.arange(len(self.labels))
         for start in range(0, len(order), self.batch_size):
             idx = order[start:start + self.batch_size]
@@ -197,6 +201,7 @@ def main() -> None:
     train_batches.generator.manual_seed(SEED + progress.epoch)
 
     total_steps, warmup_steps = EPOCHS * len(train_batches), WARMUP_EPOCHS * len(train_batches)
+    ddp_model = wrap_model(model, runtime.device, SYNC_BATCHNORM)  # under torchrun; else the model itself
     loss_fn = lambda logits, batch: cross_entropy(logits, batch, LABEL_SMOOTHING)  # noqa: E731
     while progress.epoch < EPOCHS:
         model.train()
@@ -205,12 +210,12 @@ def main() -> None:
             lr = cosine_lr(progress.step, total_steps, warmup_steps, LR)
             set_lr(optimizer, lr)
             try:
-                result = train_step(model, batch, optimizer, scaler, runtime, loss_fn=loss_fn, clip_norm=CLIP_NORM)
+                result = train_step(ddp_model, batch, optimizer, scaler, runtime, loss_fn=loss_fn, clip_norm=CLIP_NORM)
             except NonFiniteLossError as err:
                 crash_exit(run, batch, model, MODEL_NAME, err, f"epoch {progress.epoch + 1}", scaler, progress)
             progress.step += 1
             stats.update(result)
-        val = evaluate(model, val_batches, runtime, num_classes=len(classes))
+        val = from_main(lambda: evaluate(model, val_batches, runtime, num_classes=len(classes)))  # once, on rank 0
         # train_step returns no logits, so training accuracy is not tracked (None leaves a gap in the figure).
         train_stats = {**stats.summary(), "train_accuracy": None, "epoch_seconds": time.time() - epoch_start}
         improved = end_epoch(run, progress, model, MODEL_NAME, optimizer, scaler, val, train_stats, lr, config)

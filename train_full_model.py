@@ -30,6 +30,7 @@ from data.setup import DataSettings, build_loaders, make_split, prepare_data, se
 from data.ravdess import DataError
 from models import ModelConfigError, build_model
 from training.config import config_keys, run_script
+from training.distributed import is_main, wrap_model
 from training.ema import WeightEMA
 from training.progress import (EpochStats, check_selection, crash_exit, cross_validate, end_epoch, epoch_line,
                                final_test, fold_list, next_stage, open_run, resume, selected_model, validate)
@@ -115,6 +116,7 @@ AMP_DTYPE = "auto"  # auto: float16 + GradScaler on T4/V100, bfloat16 on A100+, 
 SEED = 0
 NUM_WORKERS = 2  # DataLoader worker processes (0 = load in the main process)
 PREPARE_WORKERS = 0  # processes that preprocess the data into the cache on first use; 0 = one per CPU
+SYNC_BATCHNORM = True  # under torchrun: BatchNorm statistics of the global batch (all processes), not of each share
 
 # ---- output
 OUTPUT_DIR = "checkpoints"  # run folders go to OUTPUT_DIR/train_full_model/RUN_NAME
@@ -188,21 +190,22 @@ def train_fold(run: RunFolder, fold: int, settings: DataSettings, cache, runtime
         if stage_index < progress.stage:
             continue
         frozen = set_trainable(model, stage["train"])
+        ddp_model = wrap_model(model, runtime.device, SYNC_BATCHNORM)  # under torchrun; else the model itself
         total_steps = stage["epochs"] * steps_per_epoch
         while progress.epoch < stage["epochs"] and progress.epochs_since_best < PATIENCE:
             train_mode(model, frozen)
             loaders.set_epoch(len(progress.history))
             stats = EpochStats()
             bar = tqdm(loaders.train, desc=f"fold {fold} {stage['name']} epoch {progress.epoch + 1}/{stage['epochs']}",
-                       leave=False, dynamic_ncols=True)
+                       leave=False, dynamic_ncols=True, disable=not is_main())
             for batch_index, batch in enumerate(bar):
                 batch = move_batch(batch, runtime.device)
                 lr = cosine_lr(progress.epoch * steps_per_epoch + batch_index, total_steps,
                                int(recipe()["warmup_fraction"] * total_steps), stage["lr"])
                 set_lr(optimizer, lr)
                 try:
-                    result = train_step(model, batch, optimizer, scaler, runtime, clip_norm=recipe()["clip_norm"],
-                                        loss_fn=loss_fn)
+                    result = train_step(ddp_model, batch, optimizer, scaler, runtime,
+                                        clip_norm=recipe()["clip_norm"], loss_fn=loss_fn)
                 except NonFiniteLossError as err:
                     crash_exit(run, batch, model, MODEL_NAME, err, f"fold {fold}, epoch {progress.epoch + 1}",
                                scaler, progress)
