@@ -123,6 +123,10 @@ OUTPUT_DIR = "checkpoints"  # run folders go to OUTPUT_DIR/train_full_model/RUN_
 RUN_NAME = "full"  # the same RUN_NAME resumes an interrupted run (or reports a finished one)
 RESTART = False  # True: delete RUN_NAME's folder and train again (a run refuses constants it was not made with)
 MODEL_NAME = "full"
+# The architecture switches of the original model (LEGACY=True; README, "The original first-batch NaN"): float16
+# residual stream and SwiGLU product, causal attention with a -1e9 mask fill.
+LEGACY_MODEL = {"causal_attention": True, "attention_mask_fill": -1e9, "float32_mlp_product": False,
+                "float32_residual": False}
 # The recipe of the original run that diverged (LEGACY=True).
 LEGACY_RECIPE = {"init": "default", "qk_norm": False, "lr": 1e-4, "warmup_fraction": 0, "clip_norm": None,
                  "amp_dtype": "float16"}
@@ -139,12 +143,13 @@ def recipe() -> dict:
 
 
 def model_config(feature_dim: int) -> dict:
-    return {"modalities": list(MODALITIES), "visual_input": VISUAL_INPUT, "feature_dim": feature_dim,
+    config = {"modalities": list(MODALITIES), "visual_input": VISUAL_INPUT, "feature_dim": feature_dim,
               "width": WIDTH, "mlp_hidden": MLP_HIDDEN, "n_heads": N_HEADS, "n_kv_heads": N_KV_HEADS,
               "n_segments": N_SEGMENTS, "audio_channels": list(AUDIO_CHANNELS), "frame_backbone": FRAME_BACKBONE,
               "pretrained": PRETRAINED, "feature_noise": FEATURE_NOISE,
               "qk_norm": recipe()["qk_norm"], "dropout": DROPOUT, "encoder_dropout": ENCODER_DROPOUT,
               "modality_dropout": MODALITY_DROPOUT, "gradient_checkpointing": GRADIENT_CHECKPOINTING}
+    return {**config, **(LEGACY_MODEL if LEGACY else {})}
 
 
 def build(feature_dim: int, runtime) -> tuple[torch.nn.Module, list[str]]:

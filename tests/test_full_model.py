@@ -287,3 +287,15 @@ def test_massive_activations_are_planted_in_one_early_block_and_survive_init():
     stats = model.fusion.activation_stats(x, positions)
     assert stats["block1.act_max"] > 20 * stats["block0.act_max"]  # the residual stream now holds a large value
     assert model.config["massive_activations"] == 500.0
+
+
+def test_legacy_script_constant_rebuilds_the_original_architecture(monkeypatch):
+    import train_full_model
+
+    monkeypatch.setattr(train_full_model, "LEGACY", True)
+    legacy = train_full_model.model_config(35)
+    monkeypatch.setattr(train_full_model, "LEGACY", False)
+    stable = train_full_model.model_config(35)
+    assert legacy["causal_attention"] and legacy["attention_mask_fill"] == -1e9 and not legacy["qk_norm"]
+    assert not legacy["float32_residual"] and not legacy["float32_mlp_product"]
+    assert "causal_attention" not in stable and stable["qk_norm"]
