@@ -199,7 +199,7 @@ def train_fold(run: RunFolder, fold: int, settings: DataSettings, cache, runtime
                                  select=SELECT_CHECKPOINT, select_metric=SELECT_METRIC, ema=ema,
                                  feature_stats=loaders.feature_stats)
             print(epoch_line(f"fold {fold} {stage['name']}", progress, train_stats, val, improved))
-        next_stage(progress, PATIENCE, stage["name"])
+        next_stage(progress, PATIENCE, f"fold {fold} {stage['name']}")
 
     test = final_test(run, model, MODEL_NAME, loaders.test, runtime, loaders.class_names,
                       {"fold": fold, "test_actors": list(split.test), "val_actors": list(split.val)},

@@ -163,3 +163,15 @@ def test_preset_first_then_explicit_constants():
                           "apply_overrides(vars(s), sys.argv[1:]); print(s.WIDTH, s.DROPOUT, s.FUSION_LAYERS)",
                     "--preset=cpu", "--dropout=0.4"])
     assert done.stdout.split() == ["128", "0.4", "1"], done.stderr
+
+
+def test_early_stop_is_announced(capsys):
+    from training.progress import Progress, next_stage
+
+    progress = Progress(epoch=7, best_epoch=4, epochs_since_best=3)
+    next_stage(progress, patience=3, stage_name="fold 0 train")
+    assert "fold 0 train: stopped early after 7 epochs, no validation improvement in the last 3 (best epoch 4)" \
+        in capsys.readouterr().out
+    assert (progress.stage, progress.epoch, progress.epochs_since_best) == (1, 0, 0)
+    next_stage(Progress(epoch=20), patience=3, stage_name="fold 0 train")
+    assert "stopped early" not in capsys.readouterr().out
