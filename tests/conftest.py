@@ -20,7 +20,10 @@ os.environ["OMP_NUM_THREADS"] = "1"
 os.environ["MKL_NUM_THREADS"] = "1"
 os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
+import importlib  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import ModuleType  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -45,3 +48,12 @@ def synthetic_cache(synthetic_root: Path, tmp_path_factory: pytest.TempPathFacto
     cache = tmp_path_factory.mktemp("synthetic_cache")
     prepare_cache(synthetic_root, cache, workers=0, progress=False, log=lambda _: None)
     return cache
+
+
+def imported_script(name: str) -> Iterator[ModuleType]:
+    """For a fixture: the script `name` imported as a module; its UPPER_SNAKE constants, which tests set as
+    --key=value would, are restored afterwards."""
+    module = importlib.import_module(name)
+    saved = {k: v for k, v in vars(module).items() if k.isupper()}
+    yield module
+    vars(module).update(saved)

@@ -36,14 +36,6 @@ TINY_LITE = {"width": 32, "audio_channels": [4, 8, 8, 16], "audio_tokens": 4, "f
 TINY_SIMPLE = {"channels": [4, 8, 8]}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster, and on a busy CPU waiting OpenMP threads make steps take seconds."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def tiny_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:

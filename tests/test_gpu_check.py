@@ -2,13 +2,14 @@
 prints a row per configuration with measured numbers."""
 from __future__ import annotations
 
-import importlib
 import math
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import imported_script
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,10 +29,7 @@ def test_without_cuda_one_line_and_exit_0():
 
 @pytest.fixture
 def gpu_check():
-    module = importlib.import_module("benchmarks.gpu_check")
-    saved = {k: v for k, v in vars(module).items() if k.isupper()}
-    yield module
-    vars(module).update(saved)
+    yield from imported_script("benchmarks.gpu_check")
 
 
 def test_the_measuring_loop_prints_measured_rows(gpu_check, capsys):

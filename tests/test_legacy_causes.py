@@ -25,13 +25,6 @@ TINY = {"width": 32, "n_segments": 4, "audio_channels": [4, 8, 8, 16], "frame_ba
 LEGACY_BASE = {"qk_norm": False}  # the rest of the legacy recipe: default init, no warmup, no clipping, float16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def first_batch(n_frames: int = 161) -> dict:
     g = torch.Generator().manual_seed(0)

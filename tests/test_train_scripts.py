@@ -1,7 +1,6 @@
 """The training scripts end to end on the synthetic RAVDESS fixture: runs, resume after kill -9, user errors."""
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import signal
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import imported_script
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,11 +26,8 @@ def tiny_overrides(root: Path, cache: Path, out: Path) -> dict:
 
 @pytest.fixture
 def script(request):
-    """Import a training script as a module; its constants are restored afterwards."""
-    module = importlib.import_module(request.param)
-    saved = {k: v for k, v in vars(module).items() if k.isupper()}
-    yield module
-    vars(module).update(saved)
+    """A training script imported as a module; its constants are restored afterwards."""
+    yield from imported_script(request.param)
 
 
 def run_main(module, overrides: dict) -> None:

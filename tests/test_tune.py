@@ -3,7 +3,6 @@ of the search loads a clip of its fold's test actors (recorded inside the traini
 from __future__ import annotations
 
 import csv
-import importlib
 import json
 import os
 import subprocess
@@ -11,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import imported_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,10 +104,7 @@ def test_two_processes_share_one_study_and_never_load_test_actors(synthetic_root
 
 @pytest.fixture
 def tune_module():
-    module = importlib.import_module("tune")
-    saved = {k: v for k, v in vars(module).items() if k.isupper()}
-    yield module
-    vars(module).update(saved)
+    yield from imported_script("tune")
 
 
 def test_pruning_stops_the_running_fold(tune_module, synthetic_root, synthetic_cache, tmp_path, monkeypatch):
