@@ -62,7 +62,7 @@ ACTORS = "auto"  # actors in the experiment, e.g. "1-20"; "auto" = every actor i
 N_FOLDS = 6  # folds of consecutive actors (6 folds x 4 actors over RAVDESS's 24 actors)
 FOLD = 0  # 0..N_FOLDS-1, or "all" for the whole cross-validation
 N_VAL_ACTORS = 0  # validation actors, taken from the training actors (never the test fold); 0 = none (with
-# SELECT_CHECKPOINT "last" or "ema" they only draw a validation curve; as training actors they test better)
+# SELECT_CHECKPOINT "last" or "ema" they would only draw a validation curve; as training actors they add data)
 TEST_ACTORS = ""  # explicit test actors, e.g. "21-24" (overrides FOLD)
 VAL_ACTORS = ""  # explicit validation actors, with TEST_ACTORS
 
