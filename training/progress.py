@@ -272,7 +272,8 @@ def fold_list(fold: int | str, n_folds: int) -> list[int]:
 
 # Constants that may differ between invocations of one run: which fold a process trains, where and on how many
 # processes it runs (SYNC_BATCHNORM acts only under torchrun; runs made before it existed resume).
-RUN_INDEPENDENT_KEYS = ("FOLD", "NUM_WORKERS", "PREP_WORKERS", "DEVICE", "RESTART", "SYNC_BATCHNORM")
+RUN_INDEPENDENT_KEYS = ("FOLD", "NUM_WORKERS", "PREP_WORKERS", "DEVICE", "RESTART", "RUN_NAME", "OUTPUT_DIR",
+                        "SYNC_BATCHNORM")
 
 
 def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_description: str,
