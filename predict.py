@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from data.dataset import shift_step_frames
 from data.preprocess import ClipError, Settings, face_crops, sample_frame_indices
 from data.ravdess import EMOTIONS, DataError
 from data.setup import cache_plan, run_data_settings
@@ -209,7 +210,7 @@ def load_predictor(checkpoint: str | Path, device: str = "auto", preprocess_from
             raise ConfigError(f"{path} sees other inputs than {paths[0]}; an ensemble needs models of the same inputs")
     settings, source = preprocessing_settings(states[0], preprocess_from)
     shift_seconds = states[0].get("run_config", {}).get("TIME_SHIFT_SECONDS", 0.0) or 0.0
-    step = round(shift_seconds * settings.sample_rate / settings.hop / time_shifts) if time_shifts else 0
+    step = shift_step_frames(shift_seconds, settings.sample_rate / settings.hop, time_shifts)
     shifts = [i * step for i in range(-time_shifts, time_shifts + 1)] if step else [0]
     if time_shifts and not step:
         print(f"note: {paths[0]} was trained without a time shift; --time_shifts is ignored")

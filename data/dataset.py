@@ -220,6 +220,12 @@ def _entry_from_take(take: str) -> dict:
     return {"clip_id": take, "actor": name.actor, "label": name.emotion - 1, "has_audio": False, "has_video": False}
 
 
+def shift_step_frames(shift_seconds: float, steps_per_second: float, shifts: int) -> int:
+    """Log-mel frames between test-time shifts, so that `shifts` of them on each side reach the training time shift
+    (`shift_seconds`); 0 when either is 0 (no test-time shifting)."""
+    return round(shift_seconds * steps_per_second / shifts) if shifts else 0
+
+
 def spec_augment(logmel: torch.Tensor, augment: AudioAugment = AudioAugment(),
                  steps_per_second: float = 100.0) -> torch.Tensor:
     """A random circular time shift, then SpecAugment frequency and time masks, on a (1, n_mels, T) log-mel.

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader, DistributedSampler
 
-from data.dataset import AudioAugment, build_datasets, load_manifest, make_loaders
+from data.dataset import AudioAugment, build_datasets, load_manifest, make_loaders, shift_step_frames
 from data.preprocess import prepare_cache
 from data.ravdess import EMOTIONS, DataError, Split, kfold_split, split_actors
 from data.synthetic import make_synthetic_ravdess
@@ -73,9 +73,9 @@ class Loaders:
         """Log-mel frames between the `shifts` test-time shifts on each side, so the widest is the training
         shift (TIME_SHIFT_SECONDS); 0 when either is 0."""
         dataset = self.train.dataset
-        if not shifts or dataset.spec_augment is None:
+        if dataset.spec_augment is None:
             return 0
-        return round(dataset.spec_augment.time_shift_seconds * dataset.audio_steps_per_second / shifts)
+        return shift_step_frames(dataset.spec_augment.time_shift_seconds, dataset.audio_steps_per_second, shifts)
 
     def set_epoch(self, epoch: int) -> None:
         """Seed the training order from (seed, epoch), so a resumed run visits batches as an uninterrupted one.

@@ -35,3 +35,8 @@ class WeightEMA:
 
     def load_state_dict(self, state: dict) -> None:
         self.averaged.load_state_dict(state)
+
+
+def averaged_weights(ema_state: dict) -> dict:
+    """The averaged model's own state dict inside a `WeightEMA.state_dict()` (AveragedModel prefixes `module.`)."""
+    return {k[len("module."):]: v for k, v in ema_state.items() if k.startswith("module.")}

@@ -21,7 +21,7 @@ from training.checkpoint import (feature_stats_entry, load_checkpoint, load_mode
 from training.config import ConfigError, to_jsonable
 from training.metrics import summarize_folds
 from training.runs import RunFolder
-from training.ema import WeightEMA
+from training.ema import WeightEMA, averaged_weights
 from training.distributed import all_gather, from_main, is_main, rank, sum_over_ranks, world_size
 from training.runtime import Runtime, rng_state, set_rng_state
 from training.step import StepResult, evaluate
@@ -157,8 +157,7 @@ def end_epoch(run: RunFolder, progress: Progress, model: nn.Module, model_name: 
                            feature_stats=stats, **extra)
         save_checkpoint(run.last, state)
         if improved:
-            selected = ema.module if select == "ema" else model
-            save_checkpoint(run.best, make_state(selected, model_name, progress=asdict(progress), run_config=config,
+            save_checkpoint(run.best, make_state(selected_model(model, ema, select), model_name, progress=asdict(progress), run_config=config,
                                                  feature_stats=stats, selection=select))
     run.plot_history(progress.history)
     return improved
@@ -230,10 +229,10 @@ def _test_saved_weights(run: RunFolder, model: nn.Module, model_name: str, test_
                         compare_shift_steps: int) -> dict:
     last = load_checkpoint(run.last)
     alternatives = {}
-    for name, weights in (("last", last["model"]), ("ema", _ema_weights(last))):
+    for name, weights in (("last", last["model"]), ("ema", last.get("ema"))):
         if weights is None:
             continue
-        model.load_state_dict(weights)
+        model.load_state_dict(averaged_weights(weights) if name == "ema" else weights)
         alternatives[name] = evaluate(model, test_loader, runtime, len(class_names))["accuracy"]
         if compare_shift_steps:
             alternatives[f"{name}_shifts2"] = evaluate(model, test_loader, runtime, len(class_names), 2,
@@ -251,14 +250,6 @@ def _test_saved_weights(run: RunFolder, model: nn.Module, model_name: str, test_
     run.plot_confusion(metrics["confusion"], class_names,
                        f"test accuracy {metrics['accuracy']:.1%}, UAR {metrics['uar']:.1%}")
     return metrics
-
-
-def _ema_weights(state: dict) -> dict | None:
-    """The averaged model's state dict inside a checkpoint's `ema` entry (AveragedModel prefixes `module.`)."""
-    ema = state.get("ema")
-    if ema is None:
-        return None
-    return {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
 
 
 def fold_list(fold: int | str, n_folds: int) -> list[int]:
