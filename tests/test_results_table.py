@@ -1,9 +1,13 @@
-"""benchmarks/results_table.py: the mean over seeds and the seed ensemble (probabilities averaged per clip)."""
+"""benchmarks/results_table.py: the mean over seeds and the seed ensemble (probabilities averaged per clip);
+benchmarks/fit_gap.py: a finished cross-validation's tested weights scored on their training actors."""
 from __future__ import annotations
 
 import json
 
-from benchmarks import results_table
+import pytest
+
+from benchmarks import fit_gap, results_table
+from tests.conftest import imported_script
 
 
 def write_run(root, name: str, fold_probabilities: list[list[list[float]]], clip_ids: list[str]) -> None:
@@ -35,3 +39,32 @@ def test_seed_mean_and_ensemble(tmp_path, monkeypatch, capsys):
     results_table.main()
     row = next(line for line in capsys.readouterr().out.splitlines() if "| audio |" in line)
     assert "50.0% +- 0.0% (2 seeds)" in row and row.endswith("| 100.0% |")
+
+
+@pytest.fixture
+def simple_script():
+    yield from imported_script("train_simple_working")
+
+
+def test_fit_gap_scores_the_training_actors_without_augmentation(simple_script, synthetic_root, synthetic_cache,
+                                                                  tmp_path, monkeypatch, capsys):
+    vars(simple_script).update({"DATASET": "ravdess", "DATA_ROOT": str(synthetic_root),
+                                "CACHE_DIR": str(synthetic_cache), "OUTPUT_DIR": str(tmp_path), "N_FOLDS": 2,
+                                "FOLD": "all", "N_VAL_ACTORS": 0, "EPOCHS": 1, "BATCH_SIZE": 16, "NUM_WORKERS": 0,
+                                "DEVICE": "cpu", "MODALITIES": ("audio",), "RUN_NAME": "cv"})
+    simple_script.main()
+    folder = tmp_path / "train_simple_working" / "cv"
+    # Augmentation (a random time shift and masks) would change the training-actor score from call to call.
+    first, test = fit_gap.fold_fit(folder, folder / "fold0")
+    assert (first, test) == fit_gap.fold_fit(folder, folder / "fold0")
+    assert test == json.loads((folder / "fold0" / "metrics.json").read_text())["accuracy"]
+
+    monkeypatch.setattr(fit_gap, "OUTPUT_DIR", str(tmp_path))
+    monkeypatch.setattr(fit_gap, "RUNS", "cv,missing")
+    monkeypatch.setattr(fit_gap, "FIGURE", str(tmp_path / "fit_gap.png"))
+    fit_gap.main()
+    out = capsys.readouterr().out
+    cv_test = json.loads((folder / "cv_metrics.json").read_text())["accuracy"]["mean"]
+    assert "skipped missing: no finished cross-validation" in out
+    assert "| cv | " in out and f"| {100 * cv_test:.1f}% |" in out
+    assert (tmp_path / "fit_gap.png").stat().st_size > 0
