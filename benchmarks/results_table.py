@@ -1,10 +1,15 @@
 """Markdown rows of the README's results table from the run folders of `benchmarks/real_data_cv.sh`.
 
     python benchmarks/results_table.py            # rows whose 5 folds are all finished; the rest are listed
+    python benchmarks/results_table.py --selection_runs=exp_simple_audio_au_bestval2   # + runs in the 2nd table
 
 Seed 0 gives the per-fold figures. Where more seeds finished (bench_<row>_seed<s>), two more columns: the mean
 +- std over seeds of the CV mean accuracy, and the accuracy of the seed ensemble (per fold, the class
 probabilities of the seeds' models averaged per clip, then the argmax; mean over folds).
+
+A second table compares model selection and test-time averaging on the same trainings: per run (the rows' seed 0
+and SELECTION_RUNS), the mean over folds of the tested (selected) weights and of the `alternatives` each fold's
+metrics.json records: the last weights and the EMA weights, each without and with time-shift averaging.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from training.config import run_script  # noqa: E402
 
 OUTPUT_DIR = "checkpoints"  # where benchmarks/real_data_cv.sh wrote its run folders
 MAX_SEEDS = 10  # seeds looked for per row (bench_<row>_seed1 ... _seed9)
+SELECTION_RUNS = ""  # comma-separated extra run names for the selection table (e.g. runs with validation actors)
 ROWS = [  # run name, script folder, model description, modalities
     ("bench_simple_audio", "train_simple_working", "SimpleCNN (53K)", "audio"),
     ("bench_simple_audio_au", "train_simple_working", "SimpleCNN (56K)", "audio + AUs, late concat"),
@@ -72,6 +78,26 @@ def main() -> None:
               f"{uar['std']:.1%} | {folds} |{seeds}")
     if missing:
         print(f"not finished: {', '.join(missing)}", file=sys.stderr)
+    extra = [(name, next(root.glob(f"*/{name}"), root / name)) for name in SELECTION_RUNS.split(",") if name]
+    unfinished = [name for name, folder in extra if not (folder / "cv_metrics.json").exists()]
+    if unfinished:
+        print(f"no finished cross-validation: {', '.join(unfinished)}", file=sys.stderr)
+    print_selection_table([(run, root / script / run) for run, script, _, _ in ROWS] + extra)
+
+
+def print_selection_table(runs: list[tuple[str, Path]]) -> None:
+    """Mean over folds of the selected weights and of each fold's `alternatives`, for the finished runs."""
+    columns = ("last", "last_shifts2", "ema", "ema_shifts2")
+    print("\n| run | tested (selection, validation actors) | last | last + shifts | EMA | EMA + shifts |\n"
+          "|---|---|---|---|---|---|")
+    for name, folder in runs:
+        if not (folder / "cv_metrics.json").exists():
+            continue
+        folds = [json.loads(p.read_text()) for p in sorted(folder.glob("fold*/metrics.json"))]
+        config = json.loads((folder / "config.json").read_text())["config"]
+        cells = [f"{np.mean([m['alternatives'][c] for m in folds]):.1%}" for c in columns]
+        tested = np.mean([m["accuracy"] for m in folds])
+        print(f"| {name} | {tested:.1%} ({folds[0]['selection']}, {config['N_VAL_ACTORS']}) | {' | '.join(cells)} |")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ from benchmarks import fit_gap, results_table
 from tests.conftest import imported_script
 
 
-def write_run(root, name: str, fold_probabilities: list[list[list[float]]], clip_ids: list[str]) -> None:
+def write_run(root, name: str, fold_probabilities: list[list[list[float]]], clip_ids: list[str],
+              alternatives: list[dict] | None = None) -> None:
     folds = []
     for fold, probabilities in enumerate(fold_probabilities):
         labels = [int(c.split("-")[1]) - 1 for c in clip_ids]
@@ -18,11 +19,17 @@ def write_run(root, name: str, fold_probabilities: list[list[list[float]]], clip
         folds.append(accuracy)
         path = root / "train_simple_working" / name / f"fold{fold}"
         path.mkdir(parents=True)
+        alternative = alternatives[fold] if alternatives else dict.fromkeys(ALTERNATIVES, accuracy)
         (path / "metrics.json").write_text(json.dumps({"probabilities": probabilities, "clip_ids": clip_ids,
-                                                       "accuracy": accuracy}))
+                                                       "accuracy": accuracy, "selection": "best_val",
+                                                       "alternatives": alternative}))
     summary = {"accuracy": {"mean": sum(folds) / len(folds), "std": 0.0, "per_fold": folds},
                "uar": {"mean": 0.5, "std": 0.0, "per_fold": folds}}
     (root / "train_simple_working" / name / "cv_metrics.json").write_text(json.dumps(summary))
+    (root / "train_simple_working" / name / "config.json").write_text(json.dumps({"config": {"N_VAL_ACTORS": 2}}))
+
+
+ALTERNATIVES = ("last", "last_shifts2", "ema", "ema_shifts2")
 
 
 def one_hot(index: int, weight: float) -> list[float]:
@@ -39,6 +46,18 @@ def test_seed_mean_and_ensemble(tmp_path, monkeypatch, capsys):
     results_table.main()
     row = next(line for line in capsys.readouterr().out.splitlines() if "| audio |" in line)
     assert "50.0% +- 0.0% (2 seeds)" in row and row.endswith("| 100.0% |")
+
+
+def test_selection_table_averages_the_alternatives_over_folds(tmp_path, monkeypatch, capsys):
+    clips = ["01-01-01-01-01-01", "01-03-01-01-01-02"]
+    alternatives = [dict(zip(ALTERNATIVES, (0.5, 0.6, 0.7, 0.8))), dict(zip(ALTERNATIVES, (0.7, 0.8, 0.9, 0.4)))]
+    write_run(tmp_path, "exp_val", [[one_hot(0, 0.9), one_hot(5, 0.4)]] * 2, clips, alternatives)
+    monkeypatch.setattr(results_table, "OUTPUT_DIR", str(tmp_path))
+    monkeypatch.setattr(results_table, "SELECTION_RUNS", "exp_val,exp_gone")
+    results_table.main()
+    captured = capsys.readouterr()
+    assert "| exp_val | 50.0% (best_val, 2) | 60.0% | 70.0% | 80.0% | 60.0% |" in captured.out
+    assert "no finished cross-validation: exp_gone" in captured.err
 
 
 @pytest.fixture
