@@ -61,6 +61,8 @@ def ensemble_accuracy(runs: list[Path]) -> float:
 def main() -> None:
     root = Path(OUTPUT_DIR)
     missing = []
+    print("| model (config) | modalities | accuracy, seed 0 | UAR, seed 0 | per-fold accuracy, seed 0 | "
+          "accuracy, mean over seeds | seed ensemble |\n|---|---|---|---|---|---|---|")
     for run, script, model, modalities in ROWS:
         runs = seed_runs(root, script, run)
         if not runs or runs[0].name != run:
@@ -69,7 +71,7 @@ def main() -> None:
         m = json.loads((runs[0] / "cv_metrics.json").read_text())
         acc, uar = m["accuracy"], m["uar"]
         folds = ", ".join(f"{a:.1%}" for a in acc["per_fold"])
-        seeds = ""
+        seeds = " - | - |"
         if len(runs) > 1:
             means = [json.loads((r / "cv_metrics.json").read_text())["accuracy"]["mean"] for r in runs]
             seeds = (f" {np.mean(means):.1%} +- {np.std(means):.1%} ({len(runs)} seeds) | "
