@@ -22,7 +22,7 @@ def atomic_torch_save(obj: object, path: Path) -> None:
     """Write to a temporary name in the same folder, then rename: a crash never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: parallel writers never share it
     torch.save(obj, tmp)
     os.replace(tmp, path)
 

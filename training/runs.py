@@ -33,7 +33,9 @@ def _git_commit() -> str | None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # The temporary name is the process's own: the folds of one cross-validation run in parallel processes and all
+    # write the run folder's config.json.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
 
