@@ -73,8 +73,8 @@ def plot(names: list[str], train: list[float], test: list[float], path: Path) ->
     ax.bar(x + 0.2, [100 * a for a in test], 0.4, label="test actors")
     ax.set_xticks(x, [n.removeprefix("bench_") for n in names], rotation=30, ha="right")
     ax.set_ylabel("accuracy (%), mean over folds")
-    ax.set_ylim(0, 100)
-    ax.legend()
+    ax.set_ylim(0, 115)  # room above the bars for the legend
+    ax.legend(loc="upper center", ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
