@@ -45,6 +45,7 @@ from pathlib import Path
 
 from data.ravdess import DataError, Split, kfold_split
 from training.config import ConfigError, parse_actors, run_script
+from training.files import atomic_write
 
 # ---- what to tune
 TRAIN_SCRIPT = "train_lite_model.py"  # a training script of this repository, or a path to one
@@ -427,9 +428,7 @@ def run_trial(study, trial, splits: list, script: Path) -> None:
 # ------------------------------------------------------------------------------------------------ outputs
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def trials_table(study) -> list[dict]:
@@ -448,12 +447,14 @@ def trials_table(study) -> list[dict]:
 def write_trials_csv(study, path: Path) -> None:
     rows = trials_table(study)
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, columns)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
 def best_command(script: Path, best_args: list[str], cv_run_name: str) -> list[str]:

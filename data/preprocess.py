@@ -38,6 +38,7 @@ import torchaudio
 from tqdm import tqdm
 
 from data.ravdess import Clip, DataError, scan
+from training.files import atomic_write
 
 CACHE_VERSION = 1
 # Audio features: fixed by docs/internals.md (models are built for 64 mel bands at 16 kHz, 10 ms hop).
@@ -402,15 +403,11 @@ def process_clip(clip: Clip, root: Path, settings: Settings) -> tuple[dict, dict
 def write_clip(clips_dir: Path, entry: dict, arrays: dict[str, np.ndarray]) -> None:
     """Write `<clip_id>.npz` atomically: a temp name first, then a rename, so an interrupted run leaves no
     half-written file that a rerun would take as finished."""
-    final = clips_dir / f"{entry['clip_id']}.npz"
-    tmp = clips_dir / f"{entry['clip_id']}.{os.getpid()}.tmp"
-    try:
+    def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, meta=np.array(json.dumps(entry)), **arrays)
-        os.replace(tmp, final)
-    except BaseException:  # including Ctrl-C: leave nothing behind (a killed process's temp file goes next run)
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic_write(clips_dir / f"{entry['clip_id']}.npz", write)  # a killed process's temp file goes next run
 
 
 def read_meta(npz_path: Path) -> dict | None:
@@ -428,9 +425,7 @@ def write_manifest(cache_dir: Path, settings: Settings, entries: list[dict], fai
     manifest = {"version": CACHE_VERSION, "settings": settings.to_json(), "root": str(root) if root else None,
                 "complete": complete, "clips": sorted(entries, key=lambda e: e["clip_id"]),
                 "failures": [{"clip_id": c, "reason": r} for c, r in failures]}
-    tmp = cache_dir / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, cache_dir / "manifest.json")
+    atomic_write(cache_dir / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
 
 
 _VIDEO_SETTINGS = ("n_frames", "size", "face_frames", "face_width", "face_margin")

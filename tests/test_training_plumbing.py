@@ -172,21 +172,21 @@ def test_cosine_lr_warms_up_then_decays():
 def test_parallel_folds_writing_the_run_config_do_not_collide(tmp_path, monkeypatch):
     """Two fold processes start one cross-validation run at once, both writing its config.json: process B writes
     and renames while A sits between its write and its rename. A's rename must still find its own file."""
-    from training import runs
+    from training import files, runs
 
     path = tmp_path / "config.json"
-    real_replace, real_getpid = runs.os.replace, runs.os.getpid
+    real_replace, real_getpid = files.os.replace, files.os.getpid
     interleaved = []
 
     def replace_after_another_writer(src, dst):
         if not interleaved:
             interleaved.append(True)
-            monkeypatch.setattr(runs.os, "getpid", lambda: real_getpid() + 1)  # process B
+            monkeypatch.setattr(files.os, "getpid", lambda: real_getpid() + 1)  # process B
             runs._atomic_write_text(path, "from B")
-            monkeypatch.setattr(runs.os, "getpid", real_getpid)
+            monkeypatch.setattr(files.os, "getpid", real_getpid)
         real_replace(src, dst)
 
-    monkeypatch.setattr(runs.os, "replace", replace_after_another_writer)
+    monkeypatch.setattr(files.os, "replace", replace_after_another_writer)
     runs._atomic_write_text(path, "from A")
     assert path.read_text() == "from A" and not list(tmp_path.glob("*.tmp"))
 

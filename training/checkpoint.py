@@ -5,7 +5,6 @@ A checkpoint holds plain types and tensors only, so `torch.load(path, weights_on
 """
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from torch import nn
 
 from training.config import ConfigError
+from training.files import atomic_write
 from training.runtime import rng_state
 
 
@@ -22,9 +22,7 @@ def atomic_torch_save(obj: object, path: Path) -> None:
     """Write to a temporary name in the same folder, then rename: a crash never leaves a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # one per process: parallel writers never share it
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def make_state(

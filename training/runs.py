@@ -6,7 +6,6 @@ at most one epoch).
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import torch
 from training.checkpoint import atomic_torch_save
 from training.config import to_jsonable
 from training.distributed import is_main, rank, world_size
+from training.files import atomic_write
 
 CHECKPOINT_ROOT = Path("checkpoints")
 
@@ -33,11 +33,7 @@ def _git_commit() -> str | None:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    # The temporary name is the process's own: the folds of one cross-validation run in parallel processes and all
-    # write the run folder's config.json.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 class RunFolder:
