@@ -157,7 +157,8 @@ def end_epoch(run: RunFolder, progress: Progress, model: nn.Module, model_name: 
                            feature_stats=stats, **extra)
         save_checkpoint(run.last, state)
         if improved:
-            save_checkpoint(run.best, make_state(selected_model(model, ema, select), model_name, progress=asdict(progress), run_config=config,
+            selected = selected_model(model, ema, select)
+            save_checkpoint(run.best, make_state(selected, model_name, progress=asdict(progress), run_config=config,
                                                  feature_stats=stats, selection=select))
     run.plot_history(progress.history)
     return improved
