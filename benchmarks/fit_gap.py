@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.results_table import ROWS  # noqa: E402
+from benchmarks.results_table import find_run, row_runs  # noqa: E402
 from data.setup import build_loaders, make_split, run_data_settings  # noqa: E402
 from training.checkpoint import load_checkpoint, rebuild_model  # noqa: E402
 from training.config import ConfigError, run_script  # noqa: E402
@@ -37,11 +37,10 @@ FIGURE = "checkpoints/benchmarks/fit_gap.png"
 
 def run_folders(root: Path, names: list[str]) -> list[Path]:
     """The finished cross-validation run folders (with cv_metrics.json) among the benchmark's rows, or `names`."""
-    known = {run: root / script / run for run, script, _, _ in ROWS}
+    runs = [(name, find_run(root, name)) for name in names] if names else row_runs(root)
     folders = []
-    for name in names or list(known):
-        folder = known.get(name) or next(root.glob(f"*/{name}"), None)
-        if folder is not None and (folder / "cv_metrics.json").exists():
+    for name, folder in runs:
+        if (folder / "cv_metrics.json").exists():
             folders.append(folder)
         elif names:
             print(f"skipped {name}: no finished cross-validation under {root}")

@@ -39,6 +39,16 @@ ROWS = [  # run name, script folder, model description, modalities
 ]
 
 
+def row_runs(root: Path) -> list[tuple[str, Path]]:
+    """(run name, run folder) of each row's seed 0."""
+    return [(run, root / script / run) for run, script, _, _ in ROWS]
+
+
+def find_run(root: Path, name: str) -> Path:
+    """The run folder `name` under any script's folder of `root` (root/name when there is none)."""
+    return next(root.glob(f"*/{name}"), root / name)
+
+
 def seed_runs(root: Path, script: str, run: str) -> list[Path]:
     """The finished seeds of a row: its run folders that have a cv_metrics.json, seed 0 first."""
     names = [run] + [f"{run}_seed{seed}" for seed in range(1, MAX_SEEDS)]
@@ -80,11 +90,11 @@ def main() -> None:
               f"{uar['std']:.1%} | {folds} |{seeds}")
     if missing:
         print(f"not finished: {', '.join(missing)}", file=sys.stderr)
-    extra = [(name, next(root.glob(f"*/{name}"), root / name)) for name in SELECTION_RUNS.split(",") if name]
+    extra = [(name, find_run(root, name)) for name in SELECTION_RUNS.split(",") if name]
     unfinished = [name for name, folder in extra if not (folder / "cv_metrics.json").exists()]
     if unfinished:
         print(f"no finished cross-validation: {', '.join(unfinished)}", file=sys.stderr)
-    print_selection_table([(run, root / script / run) for run, script, _, _ in ROWS] + extra)
+    print_selection_table(row_runs(root) + extra)
 
 
 def print_selection_table(runs: list[tuple[str, Path]]) -> None:
