@@ -15,7 +15,8 @@ N_TRIALS counts the trials of all of them. Rerunning the same command resumes: a
 machine is queued again with the same parameters and its runs resume from their last checkpoint. When the trials
 are done, the study folder holds trials.csv, best_args.txt (the best constants as a `--key=value` line) and PNG
 plots (optimisation history, parameter importances); then (EVALUATE_BEST) the last process to finish runs the best
-configuration once in the usual cross-validation with the test folds, and that is the number to report.
+configuration once in the usual cross-validation with the test folds (the README rows' protocol, EVALUATE_PROCESSES
+folds at a time), and that is the number to report.
 
 Real audio + facial action units, Lite model (the README's benchmark), two single-threaded processes on 2 cores:
     for i in 1 2; do OMP_NUM_THREADS=1 python tune.py --study_name=lite_audio_au & done; wait
@@ -91,6 +92,10 @@ POLL_SECONDS = 2.0  # how often a running fold's log.jsonl is read
 
 # ---- final evaluation
 EVALUATE_BEST = True  # after the search: the best configuration once in the usual CV over N_FOLDS with test folds
+# Validation actors of the final CV's runs. 0: the protocol of the README's rows (each fold trains on all its
+# training actors and tests the last weights), so the tuned row compares with the hand-set one.
+EVALUATE_VAL_ACTORS = 0
+EVALUATE_PROCESSES = 1  # folds of the final CV trained at once, each its own process (2 on 2 cores, single-threaded)
 
 # ---- output
 OUTPUT_DIR = "checkpoints"  # study folder OUTPUT_DIR/tune/STUDY_NAME; trial runs OUTPUT_DIR/<script>/tune_STUDY_NAME
@@ -169,6 +174,9 @@ def check_settings(script: Path) -> None:
         raise ConfigError(f"PRUNER must be one of {PRUNERS}, got '{PRUNER}'")
     if N_VAL_ACTORS < 1:
         raise ConfigError("N_VAL_ACTORS must be at least 1: the search scores each trial on the validation actors")
+    if EVALUATE_VAL_ACTORS < 0 or EVALUATE_PROCESSES < 1:
+        raise ConfigError(f"EVALUATE_VAL_ACTORS must be at least 0 and EVALUATE_PROCESSES at least 1, got "
+                          f"{EVALUATE_VAL_ACTORS} and {EVALUATE_PROCESSES}")
 
 
 def search_splits() -> list[tuple[int, Split, tuple[int, ...]]]:
@@ -457,10 +465,33 @@ def write_trials_csv(study, path: Path) -> None:
     atomic_write(path, write)
 
 
-def best_command(script: Path, best_args: list[str], cv_run_name: str) -> list[str]:
+def best_command(script: Path, best_args: list[str], cv_run_name: str, fold: int | str = "all") -> list[str]:
     return [sys.executable, str(script), *TRAIN_ARGS, *best_args, f"--actors={ACTORS}", f"--n_folds={N_FOLDS}",
-            f"--n_val_actors={N_VAL_ACTORS}", "--fold=all", f"--select_metric={METRIC}",
+            f"--n_val_actors={EVALUATE_VAL_ACTORS}", f"--fold={fold}", f"--select_metric={METRIC}",
             f"--output_dir={OUTPUT_DIR}", f"--run_name={cv_run_name}"]
+
+
+def run_best_cv(script: Path, best_args: list[str], cv_run_name: str, log_path: Path) -> int:
+    """The final CV's folds, EVALUATE_PROCESSES at a time, then `--fold=all` collects them (a finished fold is
+    reported, not retrained); the exit status of the first fold that failed, else of the collection."""
+    with open(log_path, "a") as log:
+        if EVALUATE_PROCESSES > 1:
+            pending = list(range(N_FOLDS))
+            running: list[subprocess.Popen] = []
+            while pending or running:
+                while pending and len(running) < EVALUATE_PROCESSES:
+                    command = best_command(script, best_args, cv_run_name, pending.pop(0))
+                    running.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT))
+                time.sleep(POLL_SECONDS)
+                for process in [p for p in running if p.poll() is not None]:
+                    running.remove(process)
+                    if process.returncode != 0:
+                        for other in running:
+                            other.terminate()
+                            other.wait()
+                        return process.returncode
+        command = best_command(script, best_args, cv_run_name)
+        return subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
 def save_plots(study, folder: Path) -> list[Path]:
@@ -512,11 +543,9 @@ def evaluate_best(study, script: Path, best_args: list[str]) -> None:
     if not claim(claim_file):
         print(f"the best configuration is being evaluated by another process ({claim_file})")
         return
-    command = best_command(script, best_args, cv_run_name)
     log_path = study_dir() / "logs" / f"best_trial{trial.number:04d}_cv.log"
     print(f"evaluating trial {trial.number} in {N_FOLDS}-fold CV with test folds (log: {log_path})")
-    with open(log_path, "a") as log:
-        returncode = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode
+    returncode = run_best_cv(script, best_args, cv_run_name, log_path)
     cv_dir = find_run_dir(cv_run_name)
     if returncode != 0 or cv_dir is None or not (cv_dir / "cv_metrics.json").exists():
         claim_file.unlink()

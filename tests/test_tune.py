@@ -64,7 +64,8 @@ def test_two_processes_share_one_study_and_never_load_test_actors(synthetic_root
     record = tmp_path / "loaded.tsv"
     script = recording_script(tmp_path, record)
     out = tmp_path / "out"
-    command = [sys.executable, str(REPO / "tune.py"), *tune_args(script, synthetic_root, synthetic_cache, out)]
+    command = [sys.executable, str(REPO / "tune.py"),
+               *tune_args(script, synthetic_root, synthetic_cache, out, evaluate_processes=2)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     workers = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True) for _ in range(2)]
@@ -100,6 +101,11 @@ def test_two_processes_share_one_study_and_never_load_test_actors(synthetic_root
     # The recorder does see test clips: the final evaluation over the 4 test folds loads every actor.
     (evaluation,) = [actors for run, actors in loaded.items() if "/best_trial" in run]
     assert evaluation == {1, 2, 3, 4}
+    # Its folds ran as separate processes, with the README rows' protocol: no validation actors.
+    (best_run,) = [runs / n for n in names if n.startswith("best_trial")]
+    cv = json.loads((best_run / "cv_metrics.json").read_text())
+    assert len(cv["accuracy"]["per_fold"]) == 4
+    assert json.loads((best_run / "config.json").read_text())["config"]["N_VAL_ACTORS"] == 0
 
 
 @pytest.fixture
