@@ -83,6 +83,9 @@ METRIC = "accuracy"  # "accuracy" or "uar": objective, per-epoch reports and eac
 N_TRIALS = 40  # trials of the study in all, over every process that works on it
 STARTUP_TRIALS = 8  # random trials before TPE models the space
 SAMPLER_SEED = None  # None: each process draws differently (processes that share a study must not share a seed)
+# Parameter sets tried before any sampled one, each a dict over SEARCH_SPACE's keys: give the hand-set recipe's
+# values, and trials.csv shows what the search gained over it on the same objective (noted "given").
+FIRST_TRIALS = ()
 PRUNER = "median"  # "median": stop a trial below the median of earlier trials at the same fold and epoch;
 #                    "threshold": stop a trial whose METRIC is below PRUNE_BELOW; "none"
 PRUNER_STARTUP_TRIALS = 4  # "median" prunes nothing until this many trials have finished
@@ -174,6 +177,10 @@ def check_settings(script: Path) -> None:
         raise ConfigError(f"PRUNER must be one of {PRUNERS}, got '{PRUNER}'")
     if N_VAL_ACTORS < 1:
         raise ConfigError("N_VAL_ACTORS must be at least 1: the search scores each trial on the validation actors")
+    for params in FIRST_TRIALS:
+        if not isinstance(params, dict) or set(params) != set(SEARCH_SPACE):
+            raise ConfigError(f"FIRST_TRIALS entry {params!r}: write a dict with exactly the keys of SEARCH_SPACE "
+                              f"({', '.join(SEARCH_SPACE)})")
     if EVALUATE_VAL_ACTORS < 0 or EVALUATE_PROCESSES < 1:
         raise ConfigError(f"EVALUATE_VAL_ACTORS must be at least 0 and EVALUATE_PROCESSES at least 1, got "
                           f"{EVALUATE_VAL_ACTORS} and {EVALUATE_PROCESSES}")
@@ -245,8 +252,16 @@ def requeue(study, trial) -> None:
 
     study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
     root = trial.user_attrs.get("retry_of", trial.number)
-    study.enqueue_trial(trial.params, user_attrs={"retry_of": root})
+    given = {"given": True} if trial.user_attrs.get("given") else {}
+    study.enqueue_trial(trial.params, user_attrs={"retry_of": root, **given})
     print(f"trial {trial.number} did not finish: queued again with the same parameters")
+
+
+def enqueue_first_trials(study) -> None:
+    """FIRST_TRIALS, queued once per study (by the first process to start it; a repeat is skipped)."""
+    if FIRST_TRIALS and claim(study_dir() / "first_trials.claim"):
+        for params in FIRST_TRIALS:
+            study.enqueue_trial(params, user_attrs={"given": True}, skip_if_exists=True)
 
 
 def requeue_dead_trials(study) -> None:
@@ -448,7 +463,8 @@ def trials_table(study) -> list[dict]:
                      **{f"param_{k}": v for k, v in t.params.items()},
                      "duration_s": None if duration is None else round(duration, 1),
                      "retry_of": t.user_attrs.get("retry_of"), "note": t.user_attrs.get("error", "") or
-                     ("over budget: another process took the last trial" if t.user_attrs.get("over_budget") else "")})
+                     ("over budget: another process took the last trial" if t.user_attrs.get("over_budget") else "")
+                     or ("given (FIRST_TRIALS)" if t.user_attrs.get("given") else "")})
     return rows
 
 
@@ -581,6 +597,7 @@ def main() -> None:
     if not study.get_trials(deepcopy=False) and runs_of_study:
         raise ConfigError(f"{runs_of_study[0]} holds the runs of an earlier study named '{STUDY_NAME}' whose storage "
                           f"is gone: choose another STUDY_NAME or delete that folder")
+    enqueue_first_trials(study)
     requeue_dead_trials(study)
     print(f"study '{STUDY_NAME}': {len(counted_trials(study))}/{N_TRIALS} trials taken; folds "
           f"{', '.join(str(fold) for fold, _, _ in splits)} of {N_FOLDS} over actors {ACTORS} "

@@ -177,3 +177,20 @@ def test_a_trial_of_a_dead_process_is_queued_again_with_its_runs(tune_module, tm
     assert tune_module.next_trial(study).number == 2
     study.tell(2, 0.4)
     assert tune_module.next_trial(study) is None  # N_TRIALS=2 are done
+
+
+def test_first_trials_run_before_any_sampled_one(tune_module, tmp_path, monkeypatch):
+    hand_set = {"stage1_lr": 2e-3, "fusion": "concat"}
+    space = {"stage1_lr": ("log", 1e-4, 1e-2), "fusion": ("choice", ("concat", "gated"))}
+    vars(tune_module).update({"OUTPUT_DIR": str(tmp_path), "STUDY_NAME": "given", "N_TRIALS": 3, "SEARCH_SPACE": space,
+                              "SEARCH_FOLDS": (0,), "FIRST_TRIALS": (hand_set,), "EVALUATE_BEST": False})
+    monkeypatch.setattr(tune_module, "run_fold", lambda trial, *rest: trial.params["stage1_lr"])
+    tune_module.main()
+    rows = list(csv.DictReader(open(tmp_path / "tune" / "given" / "trials.csv")))
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 3
+    assert (float(rows[0]["param_stage1_lr"]), rows[0]["param_fusion"]) == (2e-3, "concat")
+    assert rows[0]["note"] == "given (FIRST_TRIALS)" and rows[1]["note"] == rows[2]["note"] == ""
+
+    vars(tune_module).update({"STUDY_NAME": "wrong", "FIRST_TRIALS": ({"stage1_lr": 2e-3},)})
+    with pytest.raises(tune_module.ConfigError, match="exactly the keys of SEARCH_SPACE"):
+        tune_module.main()
