@@ -84,7 +84,8 @@ N_TRIALS = 40  # trials of the study in all, over every process that works on it
 STARTUP_TRIALS = 8  # random trials before TPE models the space
 SAMPLER_SEED = None  # None: each process draws differently (processes that share a study must not share a seed)
 # Parameter sets tried before any sampled one, each a dict over SEARCH_SPACE's keys: give the hand-set recipe's
-# values, and trials.csv shows what the search gained over it on the same objective (noted "given").
+# values, and trials.csv shows what the search gained over it on the same objective (noted "given"; never pruned,
+# since a reference stopped early compares with nothing).
 FIRST_TRIALS = ()
 PRUNER = "median"  # "median": stop a trial below the median of earlier trials at the same fold and epoch;
 #                    "threshold": stop a trial whose METRIC is below PRUNE_BELOW; "none"
@@ -388,7 +389,8 @@ def run_fold(trial, position: int, fold: int, split: Split, inner_val: tuple[int
                 records = read_log(run_dir)
                 for record in records[reported:]:
                     trial.report(record[f"val_{METRIC}"], position * EPOCH_STRIDE + record["epoch"])
-                    if record["epoch"] >= PRUNE_AFTER_EPOCHS and trial.should_prune():
+                    prunable = record["epoch"] >= PRUNE_AFTER_EPOCHS and not trial.user_attrs.get("given")
+                    if prunable and trial.should_prune():
                         raise optuna.TrialPruned(f"fold {fold}, epoch {record['epoch']}: "
                                                  f"validation {METRIC} {record[f'val_{METRIC}']:.3f}")
                 reported = len(records)

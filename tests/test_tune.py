@@ -131,6 +131,21 @@ def test_pruning_stops_the_running_fold(tune_module, synthetic_root, synthetic_c
     assert 1 <= len(epochs) < 200 and not (run / "metrics.json").exists()  # stopped long before its 200 epochs
 
 
+def test_a_given_trial_is_never_pruned(tune_module, synthetic_root, synthetic_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    vars(tune_module).update({
+        "TRAIN_SCRIPT": str(REPO / "train_simple_working.py"), "TRAIN_ARGS": train_args(synthetic_root,
+                                                                                        synthetic_cache, 3),
+        "SEARCH_SPACE": {"lr": ("log", 1e-3, 1e-2)}, "FIRST_TRIALS": ({"lr": 2e-3},), "ACTORS": "1-4", "N_FOLDS": 4,
+        "N_VAL_ACTORS": 1, "SEARCH_FOLDS": (0,), "N_TRIALS": 2, "PRUNER": "threshold", "PRUNE_BELOW": 1.01,
+        "PRUNE_AFTER_EPOCHS": 1, "POLL_SECONDS": 0.1, "OUTPUT_DIR": str(out), "STUDY_NAME": "reference",
+        "EVALUATE_BEST": False})
+    tune_module.main()
+    rows = list(csv.DictReader(open(out / "tune" / "reference" / "trials.csv")))
+    assert [(r["state"], r["note"]) for r in rows] == [("COMPLETE", "given (FIRST_TRIALS)"), ("PRUNED", "")]
+
+
 def test_the_objective_is_the_mean_over_the_folds(tune_module, monkeypatch):
     import optuna
 
