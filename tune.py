@@ -292,7 +292,8 @@ def next_trial(study):
     """The next trial of this process, or None when the study's N_TRIALS are taken (by any process)."""
     from optuna.trial import TrialState
 
-    if len(counted_trials(study)) >= N_TRIALS:
+    taken = [t for t in counted_trials(study) if t.state != TrialState.WAITING]  # a queued trial is still to run
+    if len(taken) >= N_TRIALS:
         return None
     trial = study.ask()
     # Two processes may ask at the same moment for the last trial: the storage numbers trials in order, so the one

@@ -206,6 +206,15 @@ def test_first_trials_run_before_any_sampled_one(tune_module, tmp_path, monkeypa
     assert (float(rows[0]["param_stage1_lr"]), rows[0]["param_fusion"]) == (2e-3, "concat")
     assert rows[0]["note"] == "given (FIRST_TRIALS)" and rows[1]["note"] == rows[2]["note"] == ""
 
+    # A trial queued by hand into the finished study runs when N_TRIALS is raised by one.
+    import optuna
+    study = optuna.load_study(study_name="given", storage=tune_module.make_storage())
+    study.enqueue_trial({"stage1_lr": 5e-3, "fusion": "gated"})
+    vars(tune_module)["N_TRIALS"] = 4
+    tune_module.main()
+    rows = list(csv.DictReader(open(tmp_path / "tune" / "given" / "trials.csv")))
+    assert [(r["state"], float(r["param_stage1_lr"])) for r in rows[3:]] == [("COMPLETE", 5e-3)]
+
     vars(tune_module).update({"STUDY_NAME": "wrong", "FIRST_TRIALS": ({"stage1_lr": 2e-3},)})
     with pytest.raises(tune_module.ConfigError, match="exactly the keys of SEARCH_SPACE"):
         tune_module.main()
