@@ -27,10 +27,13 @@ COMMON="--dataset=ravdess --data_root=$SHARED/ravdess_speech_16k --cache_dir=$CA
 LITE="train_lite_model.py --preset=cpu"
 SIMPLE="train_simple_working.py"
 FULL="train_full_model.py --preset=cpu"
+# tune.py's best constants for Lite concat (study lite_concat_real, README "Hyperparameter search"), 2 digits
+TUNED="--encoder_dropout=0.38 --dropout=0.29 --modality_dropout=0.25 --weight_decay=0.0039 --stage1_lr=0.0017"
 ROWS=(  # name|script and arguments: one row of the results table each
   "lite_audio|$LITE --modalities=audio --fusion=concat"
   "lite_au|$LITE --modalities=visual --fusion=concat"
   "lite_concat|$LITE --fusion=concat"
+  "lite_concat_tuned|$LITE --fusion=concat $TUNED"
   "lite_product|$LITE --fusion=product"
   "lite_gated|$LITE --fusion=gated"
   "lite_cross_attention|$LITE --fusion=cross_attention"

@@ -31,6 +31,8 @@ ROWS = [  # run name, script folder, model description, modalities
     ("bench_lite_audio", "train_lite_model", "Lite (cpu preset, <1M)", "audio"),
     ("bench_lite_au", "train_lite_model", "Lite (cpu preset, <1M)", "AUs"),
     ("bench_lite_concat", "train_lite_model", "Lite (cpu preset, <1M), concat fusion", "audio + AUs"),
+    ("bench_lite_concat_tuned", "train_lite_model", "Lite (cpu preset, <1M), concat fusion, tune.py's constants",
+     "audio + AUs"),
     ("bench_lite_product", "train_lite_model", "Lite (cpu preset, <1M), product fusion", "audio + AUs"),
     ("bench_lite_gated", "train_lite_model", "Lite (cpu preset, <1M), gated fusion", "audio + AUs"),
     ("bench_lite_cross_attention", "train_lite_model", "Lite (cpu preset, <1M), cross-attention fusion", "audio + AUs"),
