@@ -46,7 +46,7 @@ from pathlib import Path
 
 from data.ravdess import DataError, Split, kfold_split
 from training.config import ConfigError, parse_actors, run_script
-from training.files import atomic_write
+from training.files import atomic_write, atomic_write_text
 
 # ---- what to tune
 TRAIN_SCRIPT = "train_lite_model.py"  # a training script of this repository, or a path to one
@@ -453,10 +453,6 @@ def run_trial(study, trial, splits: list, script: Path) -> None:
 
 # ------------------------------------------------------------------------------------------------ outputs
 
-def _atomic_write(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
 def trials_table(study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -465,10 +461,16 @@ def trials_table(study) -> list[dict]:
                      "fold_scores": " ".join(f"{s:.4f}" for s in t.user_attrs.get("fold_scores", [])),
                      **{f"param_{k}": v for k, v in t.params.items()},
                      "duration_s": None if duration is None else round(duration, 1),
-                     "retry_of": t.user_attrs.get("retry_of"), "note": t.user_attrs.get("error", "") or
-                     ("over budget: another process took the last trial" if t.user_attrs.get("over_budget") else "")
-                     or ("given (FIRST_TRIALS)" if t.user_attrs.get("given") else "")})
+                     "retry_of": t.user_attrs.get("retry_of"), "note": trial_note(t)})
     return rows
+
+
+def trial_note(trial) -> str:
+    if trial.user_attrs.get("error"):
+        return trial.user_attrs["error"]
+    if trial.user_attrs.get("over_budget"):
+        return "over budget: another process took the last trial"
+    return "given (FIRST_TRIALS)" if trial.user_attrs.get("given") else ""
 
 
 def write_trials_csv(study, path: Path) -> None:
@@ -573,7 +575,7 @@ def evaluate_best(study, script: Path, best_args: list[str]) -> None:
     summary = (f"best trial {trial.number} (validation {METRIC} {trial.value:.1%}): {N_FOLDS}-fold actor-disjoint "
                f"CV test accuracy {cv['accuracy']['mean']:.1%} +- {cv['accuracy']['std']:.1%}, "
                f"UAR {cv['uar']['mean']:.1%} +- {cv['uar']['std']:.1%} ({cv_dir / 'cv_metrics.json'})")
-    _atomic_write(study_dir() / "best_cv.txt", summary + "\n")
+    atomic_write_text(study_dir() / "best_cv.txt", summary + "\n")
     print(summary)
 
 
@@ -617,7 +619,7 @@ def main() -> None:
         return
     save_plots(study, folder)
     best_args = as_args(study.best_trial.params)
-    _atomic_write(folder / "best_args.txt", " ".join(best_args) + "\n")
+    atomic_write_text(folder / "best_args.txt", " ".join(best_args) + "\n")
     print(f"best trial {study.best_trial.number}: validation {METRIC} {study.best_value:.1%}\n"
           f"  {' '.join(best_args)}\n  (trials: {folder / 'trials.csv'}, plots and best_args.txt: {folder})")
     if not EVALUATE_BEST:

@@ -38,7 +38,7 @@ import torchaudio
 from tqdm import tqdm
 
 from data.ravdess import Clip, DataError, scan
-from training.files import atomic_write
+from training.files import atomic_write, atomic_write_text
 
 CACHE_VERSION = 1
 # Audio features: fixed by docs/internals.md (models are built for 64 mel bands at 16 kHz, 10 ms hop).
@@ -425,7 +425,7 @@ def write_manifest(cache_dir: Path, settings: Settings, entries: list[dict], fai
     manifest = {"version": CACHE_VERSION, "settings": settings.to_json(), "root": str(root) if root else None,
                 "complete": complete, "clips": sorted(entries, key=lambda e: e["clip_id"]),
                 "failures": [{"clip_id": c, "reason": r} for c, r in failures]}
-    atomic_write(cache_dir / "manifest.json", lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+    atomic_write_text(cache_dir / "manifest.json", json.dumps(manifest, indent=1))
 
 
 _VIDEO_SETTINGS = ("n_frames", "size", "face_frames", "face_width", "face_margin")

@@ -172,7 +172,7 @@ def test_cosine_lr_warms_up_then_decays():
 def test_parallel_folds_writing_the_run_config_do_not_collide(tmp_path, monkeypatch):
     """Two fold processes start one cross-validation run at once, both writing its config.json: process B writes
     and renames while A sits between its write and its rename. A's rename must still find its own file."""
-    from training import files, runs
+    from training import files
 
     path = tmp_path / "config.json"
     real_replace, real_getpid = files.os.replace, files.os.getpid
@@ -182,12 +182,12 @@ def test_parallel_folds_writing_the_run_config_do_not_collide(tmp_path, monkeypa
         if not interleaved:
             interleaved.append(True)
             monkeypatch.setattr(files.os, "getpid", lambda: real_getpid() + 1)  # process B
-            runs._atomic_write_text(path, "from B")
+            files.atomic_write_text(path, "from B")
             monkeypatch.setattr(files.os, "getpid", real_getpid)
         real_replace(src, dst)
 
     monkeypatch.setattr(files.os, "replace", replace_after_another_writer)
-    runs._atomic_write_text(path, "from A")
+    files.atomic_write_text(path, "from A")
     assert path.read_text() == "from A" and not list(tmp_path.glob("*.tmp"))
 
 

@@ -18,7 +18,7 @@ import torch
 from training.checkpoint import atomic_torch_save
 from training.config import to_jsonable
 from training.distributed import is_main, rank, world_size
-from training.files import atomic_write
+from training.files import atomic_write_text
 
 CHECKPOINT_ROOT = Path("checkpoints")
 
@@ -30,10 +30,6 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 class RunFolder:
@@ -73,7 +69,7 @@ class RunFolder:
             "device": runtime_description,
             "written": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        _atomic_write_text(self.dir / "config.json", json.dumps(info, indent=2))
+        atomic_write_text(self.dir / "config.json", json.dumps(info, indent=2))
 
     def log(self, record: dict) -> None:
         if not is_main():
@@ -85,7 +81,7 @@ class RunFolder:
         path = self.dir / name
         if not is_main():
             return path
-        _atomic_write_text(path, json.dumps(to_jsonable(metrics), indent=2))
+        atomic_write_text(path, json.dumps(to_jsonable(metrics), indent=2))
         return path
 
     def read_metrics(self, name: str = "metrics.json") -> dict | None:
