@@ -113,16 +113,19 @@ def tune_module():
     yield from imported_script("tune")
 
 
+def prune_every_trial(tune_module, root: Path, cache: Path, out: Path, epochs: int, **settings) -> None:
+    """In-process settings of a search on fold 0 of 4 actors whose threshold pruner stops any trial it may."""
+    vars(tune_module).update({
+        "TRAIN_SCRIPT": str(REPO / "train_simple_working.py"), "TRAIN_ARGS": train_args(root, cache, epochs),
+        "SEARCH_SPACE": {"lr": ("log", 1e-3, 1e-2)}, "ACTORS": "1-4", "N_FOLDS": 4, "N_VAL_ACTORS": 1,
+        "SEARCH_FOLDS": (0,), "PRUNER": "threshold", "PRUNE_BELOW": 1.01, "PRUNE_AFTER_EPOCHS": 1,
+        "POLL_SECONDS": 0.1, "OUTPUT_DIR": str(out), "EVALUATE_BEST": False, **settings})
+
+
 def test_pruning_stops_the_running_fold(tune_module, synthetic_root, synthetic_cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    vars(tune_module).update({
-        "TRAIN_SCRIPT": str(REPO / "train_simple_working.py"), "TRAIN_ARGS": train_args(synthetic_root,
-                                                                                        synthetic_cache, 200),
-        "SEARCH_SPACE": {"lr": ("log", 1e-3, 1e-2)}, "ACTORS": "1-4", "N_FOLDS": 4, "N_VAL_ACTORS": 1,
-        "SEARCH_FOLDS": (0,), "N_TRIALS": 1, "PRUNER": "threshold", "PRUNE_BELOW": 1.01,  # prunes any trial
-        "PRUNE_AFTER_EPOCHS": 1, "POLL_SECONDS": 0.1, "OUTPUT_DIR": str(out), "STUDY_NAME": "pruned",
-        "EVALUATE_BEST": False})
+    prune_every_trial(tune_module, synthetic_root, synthetic_cache, out, 200, N_TRIALS=1, STUDY_NAME="pruned")
     tune_module.main()
     rows = list(csv.DictReader(open(out / "tune" / "pruned" / "trials.csv")))
     assert [r["state"] for r in rows] == ["PRUNED"]
@@ -134,13 +137,8 @@ def test_pruning_stops_the_running_fold(tune_module, synthetic_root, synthetic_c
 def test_a_given_trial_is_never_pruned(tune_module, synthetic_root, synthetic_cache, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    vars(tune_module).update({
-        "TRAIN_SCRIPT": str(REPO / "train_simple_working.py"), "TRAIN_ARGS": train_args(synthetic_root,
-                                                                                        synthetic_cache, 3),
-        "SEARCH_SPACE": {"lr": ("log", 1e-3, 1e-2)}, "FIRST_TRIALS": ({"lr": 2e-3},), "ACTORS": "1-4", "N_FOLDS": 4,
-        "N_VAL_ACTORS": 1, "SEARCH_FOLDS": (0,), "N_TRIALS": 2, "PRUNER": "threshold", "PRUNE_BELOW": 1.01,
-        "PRUNE_AFTER_EPOCHS": 1, "POLL_SECONDS": 0.1, "OUTPUT_DIR": str(out), "STUDY_NAME": "reference",
-        "EVALUATE_BEST": False})
+    prune_every_trial(tune_module, synthetic_root, synthetic_cache, out, 3, N_TRIALS=2, STUDY_NAME="reference",
+                      FIRST_TRIALS=({"lr": 2e-3},))
     tune_module.main()
     rows = list(csv.DictReader(open(out / "tune" / "reference" / "trials.csv")))
     assert [(r["state"], r["note"]) for r in rows] == [("COMPLETE", "given (FIRST_TRIALS)"), ("PRUNED", "")]
