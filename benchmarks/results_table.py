@@ -25,18 +25,22 @@ from training.config import run_script  # noqa: E402
 OUTPUT_DIR = "checkpoints"  # where benchmarks/real_data_cv.sh wrote its run folders
 MAX_SEEDS = 10  # seeds looked for per row (bench_<row>_seed1 ... _seed9)
 SELECTION_RUNS = ""  # comma-separated extra run names for the selection table (e.g. runs with validation actors)
+LITE_ROWS = [  # run name, model description, modalities: the Lite rows, each also with the previous constants
+    ("bench_lite_audio", "Lite (cpu preset, <1M)", "audio"),
+    ("bench_lite_au", "Lite (cpu preset, <1M)", "AUs"),
+    ("bench_lite_concat", "Lite (cpu preset, <1M), concat fusion", "audio + AUs"),
+    ("bench_lite_product", "Lite (cpu preset, <1M), product fusion", "audio + AUs"),
+    ("bench_lite_gated", "Lite (cpu preset, <1M), gated fusion", "audio + AUs"),
+    ("bench_lite_cross_attention", "Lite (cpu preset, <1M), cross-attention fusion", "audio + AUs"),
+    ("bench_lite_transformer", "Lite (cpu preset, <1M), transformer fusion", "audio + AUs"),
+]
 ROWS = [  # run name, script folder, model description, modalities
     ("bench_simple_audio", "train_simple_working", "SimpleCNN (53K)", "audio"),
     ("bench_simple_audio_au", "train_simple_working", "SimpleCNN (56K)", "audio + AUs, late concat"),
-    ("bench_lite_audio", "train_lite_model", "Lite (cpu preset, <1M)", "audio"),
-    ("bench_lite_au", "train_lite_model", "Lite (cpu preset, <1M)", "AUs"),
-    ("bench_lite_concat", "train_lite_model", "Lite (cpu preset, <1M), concat fusion", "audio + AUs"),
-    ("bench_lite_concat_tuned", "train_lite_model", "Lite (cpu preset, <1M), concat fusion, tune.py's constants",
-     "audio + AUs"),
-    ("bench_lite_product", "train_lite_model", "Lite (cpu preset, <1M), product fusion", "audio + AUs"),
-    ("bench_lite_gated", "train_lite_model", "Lite (cpu preset, <1M), gated fusion", "audio + AUs"),
-    ("bench_lite_cross_attention", "train_lite_model", "Lite (cpu preset, <1M), cross-attention fusion", "audio + AUs"),
-    ("bench_lite_transformer", "train_lite_model", "Lite (cpu preset, <1M), transformer fusion", "audio + AUs"),
+    # *_handset: the cpu preset's hand-set constants before tune.py's became its defaults (HANDSET in the script)
+    *[row for run, model, modalities in LITE_ROWS
+      for row in ((run, "train_lite_model", model, modalities),
+                  (f"{run}_handset", "train_lite_model", f"{model}, previous constants", modalities))],
     ("bench_full_audio_au", "train_full_model", "MultimodalFER, cpu preset (14M, 16 LFM2 blocks)", "audio + AUs"),
 ]
 

@@ -1,8 +1,12 @@
 """benchmarks/results_table.py: the mean over seeds and the seed ensemble (probabilities averaged per clip);
-benchmarks/fit_gap.py: a finished cross-validation's tested weights scored on their training actors."""
+benchmarks/fit_gap.py: a finished cross-validation's tested weights scored on their training actors;
+benchmarks/real_data_cv.sh: the rows it runs."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +91,27 @@ def test_fit_gap_scores_the_training_actors_without_augmentation(simple_script, 
     assert "skipped missing: no finished cross-validation" in out
     assert "| cv | " in out and f"| {100 * cv_test:.1f}% |" in out
     assert (tmp_path / "fit_gap.png").stat().st_size > 0
+
+
+def benchmark_runs(tmp_path, **env: str) -> list[str]:
+    """The run names benchmarks/real_data_cv.sh would train, with `true` standing in for python (nothing runs)."""
+    script = tmp_path / "benchmarks" / "real_data_cv.sh"  # a copy: the script writes logs next to its folder
+    script.parent.mkdir(exist_ok=True)
+    script.write_text((Path(__file__).resolve().parents[1] / "benchmarks" / "real_data_cv.sh").read_text())
+    done = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHON": "true", **env})
+    assert done.returncode == 0, done.stderr
+    return [line.removeprefix("== ") for line in done.stdout.splitlines() if line.startswith("== ")]
+
+
+def test_the_benchmark_script_and_the_table_have_the_same_rows(tmp_path):
+    everything = " ".join(run.removeprefix("bench_") for run, _, _, _ in results_table.ROWS)
+    table = sorted(run for run, _, _, _ in results_table.ROWS)
+    assert sorted(benchmark_runs(tmp_path, ROWS_TO_RUN=everything)) == table
+
+
+def test_previous_constants_rows_run_only_when_named(tmp_path):
+    default = benchmark_runs(tmp_path)
+    assert "bench_lite_concat" in default and not any(run.endswith("_handset") for run in default)
+    assert benchmark_runs(tmp_path, ROWS_TO_RUN="lite_audio_handset lite_audio", SEEDS="0 2") == [
+        "bench_lite_audio", "bench_lite_audio_handset", "bench_lite_audio_seed2", "bench_lite_audio_handset_seed2"]
