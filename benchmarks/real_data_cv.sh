@@ -35,23 +35,19 @@ FULL="train_full_model.py --preset=cpu"
 HANDSET="--encoder_dropout=0.2 --dropout=0.2 --modality_dropout=0.2 --weight_decay=0.01 --stage1_lr=0.002"
 ROWS=(  # name|script and arguments: one row of the results table each
   "lite_audio|$LITE --modalities=audio --fusion=concat"
-  "lite_audio_handset|$LITE --modalities=audio --fusion=concat $HANDSET"
   "lite_au|$LITE --modalities=visual --fusion=concat"
-  "lite_au_handset|$LITE --modalities=visual --fusion=concat $HANDSET"
   "lite_concat|$LITE --fusion=concat"
-  "lite_concat_handset|$LITE --fusion=concat $HANDSET"
   "lite_product|$LITE --fusion=product"
-  "lite_product_handset|$LITE --fusion=product $HANDSET"
   "lite_gated|$LITE --fusion=gated"
-  "lite_gated_handset|$LITE --fusion=gated $HANDSET"
   "lite_cross_attention|$LITE --fusion=cross_attention"
-  "lite_cross_attention_handset|$LITE --fusion=cross_attention $HANDSET"
   "lite_transformer|$LITE --fusion=transformer"
-  "lite_transformer_handset|$LITE --fusion=transformer $HANDSET"
   "simple_audio|$SIMPLE --modalities=audio"
   "simple_audio_au|$SIMPLE"
   "full_audio_au|$FULL"
 )
+for row in "${ROWS[@]}"; do  # every Lite row again as <name>_handset, with the previous constants
+  if [[ "$row" == lite_* ]]; then ROWS+=("${row%%|*}_handset|${row#*|} $HANDSET"); fi
+done
 SELECTED=()
 for row in "${ROWS[@]}"; do
   name="${row%%|*}"
