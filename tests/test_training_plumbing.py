@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -375,6 +376,18 @@ def test_command_line_help_and_choice_error_come_before_any_work(tmp_path):
     assert wrong.returncode == 2
     assert wrong.stderr.strip() == "error: --select_metric=f1 is not one of accuracy | uar | macro_f1"
     assert not any(tmp_path.iterdir())  # refused before any data work
+
+
+def test_help_piped_into_a_reader_that_stops_early_ends_quietly():
+    # `python train_lite_model.py --help | head -3`: the reader is gone before the help text is written.
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        shown = subprocess.run([sys.executable, "train_lite_model.py", "--help"], cwd=REPO, stdout=write_end,
+                               stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write_end)
+    assert shown.returncode == 0 and shown.stderr == ""
 
 
 def test_tests_and_the_scripts_they_start_use_one_passive_thread():

@@ -13,6 +13,7 @@ import ast
 import difflib
 import io
 import json
+import os
 import re
 import sys
 import tokenize
@@ -274,7 +275,10 @@ def run_script(main: Callable[..., object], namespace: dict, argv: list[str],
     prints the docstring and the constants instead. With `takes_paths`, the arguments that are not options are
     passed to `main(paths)`. An int that `main` returns is the exit status."""
     if "--help" in argv or "-h" in argv:
-        print(help_text(namespace))
+        try:
+            print(help_text(namespace), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader has all it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
         sys.exit(0)
     try:
         paths = [arg for arg in argv if not arg.startswith("-")] if takes_paths else []
