@@ -175,3 +175,68 @@ def test_early_stop_is_announced(capsys):
     assert (progress.stage, progress.epoch, progress.epochs_since_best) == (1, 0, 0)
     next_stage(Progress(epoch=20), patience=3, stage_name="fold 0 train")
     assert "stopped early" not in capsys.readouterr().out
+
+
+def test_mixup_blends_inputs_with_one_weight_and_keeps_labels():
+    from training.step import mixup
+
+    batch = {"audio": torch.randn(6, 1, 4, 10), "features": torch.randn(6, 5), "label": torch.arange(6),
+             "has_audio": torch.tensor([True] * 5 + [False]), "has_visual": torch.ones(6, dtype=torch.bool),
+             "clip_id": [f"c{i}" for i in range(6)]}
+    torch.manual_seed(3)
+    mixed, partners, weight = mixup(batch, alpha=0.4)
+    partner = partners["label"]  # labels are 0..5, so the partner labels are the partner indices
+    assert 0.0 <= weight <= 1.0 and sorted(partner.tolist()) == list(range(6))
+    for key in ("audio", "features"):
+        assert torch.allclose(mixed[key], weight * batch[key] + (1 - weight) * batch[key][partner])
+    assert torch.equal(mixed["label"], batch["label"]) and mixed["clip_id"] == batch["clip_id"]
+    assert torch.equal(mixed["has_audio"], batch["has_audio"] & batch["has_audio"][partner])
+    assert not mixed["has_audio"][5]  # a sample without audio stays without audio, whatever its partner
+
+
+def test_train_step_with_mixup_weights_both_labels_losses():
+    from tests.test_training_plumbing import TinyModel, tiny_batch
+    from training.stages import make_optimizer
+    from training.step import cross_entropy, mixup, train_step
+
+    runtime = setup_runtime("cpu", "float32", seed=0)
+    model, batch = TinyModel(width=16), tiny_batch()
+    optimizer = make_optimizer(model, 0.05, 0.0)
+    for _ in range(100):  # fit the batch first, so that its own labels' loss differs from the mixed loss
+        train_step(model, batch, optimizer, runtime.make_scaler(), runtime)
+    model.eval()  # BatchNorm's statistics do not move in the check below
+    torch.manual_seed(7)
+    mixed, partners, weight = mixup(batch, alpha=0.4)
+    with torch.no_grad():
+        logits = model(mixed)
+        expected = weight * cross_entropy(logits, batch) + (1 - weight) * cross_entropy(logits, partners)
+        plain = cross_entropy(model(batch), batch)
+    torch.manual_seed(7)
+    result = train_step(model, batch, make_optimizer(model, 0.0, 0.0), runtime.make_scaler(), runtime,
+                        mixup_alpha=0.4)
+    assert result.loss == pytest.approx(float(expected), rel=1e-5)
+    assert abs(result.loss - float(plain)) > 1e-3  # the step did not train on the unmixed batch
+    assert result.count == len(batch["label"])
+
+
+def test_a_run_made_before_a_constant_existed_continues_with_its_old_value(tmp_path):
+    from training.progress import open_run
+
+    open_run("script", "old", str(tmp_path), {"LR": 0.002}, "cpu")
+    assert open_run("script", "old", str(tmp_path), {"LR": 0.002, "MIXUP_ALPHA": 0.0}, "cpu",
+                    added_constants={"MIXUP_ALPHA": 0.0}).dir.exists()
+    with pytest.raises(ConfigError, match="MIXUP_ALPHA 0.0 -> 0.4"):
+        open_run("script", "old", str(tmp_path), {"LR": 0.002, "MIXUP_ALPHA": 0.4}, "cpu",
+                 added_constants={"MIXUP_ALPHA": 0.0})
+
+
+@pytest.mark.parametrize("script", ["train_lite_model"], indirect=True)
+def test_lite_trains_with_one_audio_token_and_mixup(script, synthetic_root, synthetic_cache, tmp_path):
+    run_main(script, {**tiny_overrides(synthetic_root, synthetic_cache, tmp_path),
+                      "FRAME_BACKBONE": "small", "WIDTH": 32, "FUSION": "concat", "AUDIO_TOKENS": 1,
+                      "MIXUP_ALPHA": 0.4, "STAGE1_EPOCHS": 2, "RUN_NAME": "mix"})
+    fold = tmp_path / "train_lite_model" / "mix" / "fold0"
+    checkpoint = torch.load(fold / "ckpt_last.pt", weights_only=True)
+    assert checkpoint["model"]["audio_missing"].shape == (1, 32)  # one audio token, rebuilt from the config
+    log = [json.loads(line) for line in (fold / "log.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and all(0.0 <= r["train_accuracy"] <= 1.0 for r in log)

@@ -269,11 +269,13 @@ RUN_INDEPENDENT_KEYS = ("FOLD", "NUM_WORKERS", "PREP_WORKERS", "DEVICE", "RESTAR
 
 
 def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_description: str,
-             restart: bool = False) -> RunFolder:
+             restart: bool = False, added_constants: dict | None = None) -> RunFolder:
     """The run folder, with config.json written; refuses to continue a run made with other constants.
 
     A run resumes (or reports its finished folds) under its RUN_NAME; with changed constants that would mix two
     recipes in one result, so it is a one-line error unless `restart` deletes the old folder first.
+    `added_constants`: constants the script gained after runs were made, each with the value that behaves as the
+    script did before it existed; a run whose config lacks one was made with that value.
     """
     run = RunFolder(script, run_name, output_dir)
     if not is_main():  # rank 0 checks, deletes and writes
@@ -283,7 +285,8 @@ def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_
         shutil.rmtree(run.dir)
         run = RunFolder(script, run_name, output_dir)
     elif previous is not None:
-        old, new = previous.get("config", {}), to_jsonable(config)
+        old = {**to_jsonable(added_constants or {}), **previous.get("config", {})}
+        new = to_jsonable(config)
         changed = [k for k in sorted(set(old) | set(new))
                    if k not in RUN_INDEPENDENT_KEYS and old.get(k) != new.get(k)]
         if changed:

@@ -50,6 +50,26 @@ def cross_entropy(logits: torch.Tensor, batch: dict, label_smoothing: float = 0.
     return F.cross_entropy(logits.float(), batch["label"], label_smoothing=label_smoothing)
 
 
+def mixup(batch: dict, alpha: float) -> tuple[dict, dict, float]:
+    """Mixup: each sample's inputs blended with those of a random partner from the same batch.
+
+    Returns (the mixed batch, the batch with the partners' labels, the weight of the original labels). Every
+    floating-point tensor (log-mel, frames, features) is mixed with one weight drawn from Beta(alpha, alpha); a
+    modality counts as present only where both samples have it; labels, actors and clip ids are left as they are.
+    """
+    weight = float(torch.distributions.Beta(alpha, alpha).sample())
+    partner = torch.randperm(len(batch["label"]), device=batch["label"].device)
+    mixed = {}
+    for key, value in batch.items():
+        if torch.is_tensor(value) and value.is_floating_point():
+            mixed[key] = weight * value + (1 - weight) * value[partner]
+        elif torch.is_tensor(value) and key.startswith("has_"):
+            mixed[key] = value & value[partner]
+        else:
+            mixed[key] = value
+    return mixed, {**batch, "label": batch["label"][partner]}, weight
+
+
 def train_step(
     model: nn.Module,
     batch: dict,
@@ -60,15 +80,25 @@ def train_step(
     loss_fn: Callable[[torch.Tensor, dict], torch.Tensor] = cross_entropy,
     clip_norm: float | None = 1.0,
     after_unscale: Callable[[], None] | None = None,
+    mixup_alpha: float = 0.0,
 ) -> StepResult:
     """One optimisation step on `batch` (already on the device). Raises `NonFiniteLossError`.
 
     The caller puts the model in train mode (`stages.train_mode`), so frozen parts can stay in eval mode.
+    With `mixup_alpha` > 0 the step trains on a `mixup` of the batch, with the two labels' losses weighted alike;
+    a prediction counts as correct when it is the label of the larger weight.
     """
     optimizer.zero_grad(set_to_none=True)
+    labels = batch["label"]
+    if mixup_alpha > 0:
+        batch, partner_batch, weight = mixup(batch, mixup_alpha)
+        if weight < 0.5:
+            labels = partner_batch["label"]
     with runtime.autocast():
         logits = model(batch)
     loss = loss_fn(logits, batch)
+    if mixup_alpha > 0:
+        loss = weight * loss + (1 - weight) * loss_fn(logits, partner_batch)
     # Under torchrun every process stops when one has a non-finite loss (none may wait in backward for the others).
     if not all_ranks_true(bool(torch.isfinite(loss))):
         raise NonFiniteLossError(loss.item())
@@ -86,9 +116,9 @@ def train_step(
     scaler.step(optimizer)
     scaler.update()
     skipped = scaler.is_enabled() and scaler.get_scale() < scale
-    correct = int((logits.argmax(dim=-1) == batch["label"]).sum())
+    correct = int((logits.argmax(dim=-1) == labels).sum())
     return StepResult(loss=loss.item(), grad_norm=float(grad_norm), skipped=bool(skipped), scale=float(scale),
-                      correct=correct, count=len(batch["label"]))
+                      correct=correct, count=len(labels))
 
 
 @torch.no_grad()
