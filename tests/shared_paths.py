@@ -8,11 +8,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # the repository root, for every test that needs it
 
 
 def shared_data_dir() -> Path | None:
     """`<shared>/data` (holding ravdess_speech_16k/, ravdess_clip_features/, fer2013_48/), or None if absent."""
-    shared = Path(os.environ.get("RAVDESS_SHARED") or REPO_ROOT.parent / "shared").expanduser()
+    shared = Path(os.environ.get("RAVDESS_SHARED") or REPO.parent / "shared").expanduser()
     data = shared / "data"
     return data if data.is_dir() else None

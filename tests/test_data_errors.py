@@ -14,8 +14,8 @@ import pytest
 from data.preprocess import prepare_cache
 from data.ravdess import DataError
 from data.setup import DataSettings, make_split, prepare_data
+from tests.shared_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_data_root_that_is_a_file_is_named_a_file(tmp_path):

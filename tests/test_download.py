@@ -13,7 +13,7 @@ import pytest
 from data import download
 from data.download import archive_names, download_file, download_ravdess
 from data.ravdess import DataError, discover_clips
-from tests.shared_paths import REPO_ROOT
+from tests.shared_paths import REPO
 
 NAME = "Audio_Speech_Actors_01-24.zip"
 
@@ -148,7 +148,7 @@ def test_offline_and_unknown_archives_give_clear_errors(zenodo, tmp_path):
     closed = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     port = closed.server_port
     closed.server_close()  # nothing listens there any more
-    script = [sys.executable, str(REPO_ROOT / "data/download.py"), f"--dest={tmp_path}",
+    script = [sys.executable, str(REPO / "data/download.py"), f"--dest={tmp_path}",
               f"--record_url=http://127.0.0.1:{port}/api/records/1188976"]
     run = subprocess.run(script, capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.startswith("error: cannot reach") and "download the archives by hand" \

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from data.dataset import build_datasets, make_loaders
 from data.ravdess import Split

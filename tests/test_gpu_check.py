@@ -5,14 +5,13 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests.conftest import imported_script
 import torch
+from tests.shared_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 TINY_FULL = {"width": 32, "n_segments": 4, "audio_channels": [4, 8, 8, 16], "frame_backbone": "tiny",
              "layout": ["conv", "attn"], "n_heads": 4, "n_kv_heads": 2, "mlp_hidden": 64}
 TINY_LITE = {"width": 32, "audio_channels": [4, 8, 8, 16], "audio_tokens": 3, "visual_tokens": 2, "fusion_layers": 1,

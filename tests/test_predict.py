@@ -24,8 +24,8 @@ from data.windows import read_windows, to_batch, window_starts
 from models import build_model
 from training.checkpoint import make_state, save_checkpoint
 from training.config import ConfigError
+from tests.shared_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL_CONFIGS = {
     "simple": {"channels": [4, 8, 8]},
     "lite": {"width": 32, "audio_channels": [4, 8, 8, 16], "audio_tokens": 3, "visual_tokens": 2,

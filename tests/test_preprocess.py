@@ -18,7 +18,7 @@ from data.preprocess import (Settings, audio_features, crop_box, find_face, fix_
                              sample_frame_indices)
 from data.ravdess import DataError
 from data.synthetic import Take, draw_face, render_audio
-from tests.shared_paths import REPO_ROOT
+from tests.shared_paths import REPO
 
 TAKE = "01-03-01-01-01-01"  # actor 1, happy: present in the synthetic fixture as 01-, 02- and 03- files
 
@@ -265,7 +265,7 @@ def test_interrupted_run_leaves_no_partial_file_and_resumes(synthetic_root, tmp_
 def test_script_with_worker_processes_matches_in_process_result(synthetic_root, synthetic_cache, tmp_path):
     for take in (TAKE, "01-04-01-01-01-01", "01-05-01-01-01-02"):
         copy_take(synthetic_root, tmp_path / "root", take, "13", actor_dir=f"Actor_0{take[-1]}")
-    cmd = [sys.executable, str(REPO_ROOT / "data/prepare_ravdess.py"), f"--root={tmp_path / 'root'}",
+    cmd = [sys.executable, str(REPO / "data/prepare_ravdess.py"), f"--root={tmp_path / 'root'}",
            f"--cache={tmp_path / 'cache'}", "--workers=2", "--progress=False"]
     run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr

@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
 from benchmarks import fit_gap, results_table
 from tests.conftest import imported_script
+from tests.shared_paths import REPO
 
 
 def write_run(root, name: str, fold_probabilities: list[list[list[float]]], clip_ids: list[str],
@@ -97,7 +97,7 @@ def benchmark_runs(tmp_path, **env: str) -> list[str]:
     """The run names benchmarks/real_data_cv.sh would train, with `true` standing in for python (nothing runs)."""
     script = tmp_path / "benchmarks" / "real_data_cv.sh"  # a copy: the script writes logs next to its folder
     script.parent.mkdir(exist_ok=True)
-    script.write_text((Path(__file__).resolve().parents[1] / "benchmarks" / "real_data_cv.sh").read_text())
+    script.write_text((REPO / "benchmarks" / "real_data_cv.sh").read_text())
     done = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHON": "true", **env})
     assert done.returncode == 0, done.stderr

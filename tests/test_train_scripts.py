@@ -14,8 +14,8 @@ import pytest
 
 from tests.conftest import imported_script
 import torch
+from tests.shared_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_overrides(root: Path, cache: Path, out: Path) -> dict:

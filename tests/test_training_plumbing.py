@@ -20,6 +20,7 @@ from training.metrics import classification_metrics, summarize_folds
 from training.runtime import Runtime, resolve_amp_dtype, setup_runtime
 from training.stages import make_optimizer, set_trainable, train_mode
 from training.step import NonFiniteLossError, cosine_lr, train_step
+from tests.shared_paths import REPO
 
 
 class TinyModel(nn.Module):
@@ -271,7 +272,6 @@ SCRIPTS = ["train_simple_working.py", "train_lite_model.py", "train_full_model.p
            "benchmarks/bench_predict.py", "benchmarks/bench_prepare.py", "benchmarks/legacy_instability.py",
            "benchmarks/memory_estimate.py", "benchmarks/results_table.py", "data/prepare_ravdess.py",
            "data/download.py"]
-REPO = Path(__file__).resolve().parents[1]
 
 EXAMPLE_SCRIPT = '''"""An example script."""
 # ---- model

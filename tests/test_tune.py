@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import imported_script
+from tests.shared_paths import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 
 # The recording copy of train_simple_working.py: every clip a DataLoader reads is written down with the run's name.
 RECORDER = '''
