@@ -233,7 +233,7 @@ def test_a_run_made_before_a_constant_existed_continues_with_its_old_value(tmp_p
 @pytest.mark.parametrize("script", ["train_lite_model"], indirect=True)
 def test_lite_trains_with_one_audio_token_and_mixup(script, synthetic_root, synthetic_cache, tmp_path):
     run_main(script, {**tiny_overrides(synthetic_root, synthetic_cache, tmp_path),
-                      "FRAME_BACKBONE": "small", "WIDTH": 32, "FUSION": "concat", "AUDIO_TOKENS": 1,
+                      "MODALITIES": ("audio",), "WIDTH": 32, "FUSION": "concat", "AUDIO_TOKENS": 1,
                       "MIXUP_ALPHA": 0.4, "STAGE1_EPOCHS": 2, "RUN_NAME": "mix"})
     fold = tmp_path / "train_lite_model" / "mix" / "fold0"
     checkpoint = torch.load(fold / "ckpt_last.pt", weights_only=True)
