@@ -17,7 +17,6 @@ from data.setup import DataSettings, make_split, prepare_data
 from tests.shared_paths import REPO
 
 
-
 def test_data_root_that_is_a_file_is_named_a_file(tmp_path):
     wav = tmp_path / "03-01-03-01-01-01-01.wav"
     wav.write_bytes(b"")

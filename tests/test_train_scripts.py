@@ -17,7 +17,6 @@ import torch
 from tests.shared_paths import REPO
 
 
-
 def tiny_overrides(root: Path, cache: Path, out: Path) -> dict:
     """4 actors: test actor 1, validation actor 2, training actors 3-4 (32 clips), two epochs."""
     return {"DATASET": "ravdess", "DATA_ROOT": str(root), "CACHE_DIR": str(cache), "OUTPUT_DIR": str(out),

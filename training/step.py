@@ -85,8 +85,8 @@ def train_step(
     """One optimisation step on `batch` (already on the device). Raises `NonFiniteLossError`.
 
     The caller puts the model in train mode (`stages.train_mode`), so frozen parts can stay in eval mode.
-    With `mixup_alpha` > 0 the step trains on a `mixup` of the batch, with the two labels' losses weighted alike;
-    a prediction counts as correct when it is the label of the larger weight.
+    With `mixup_alpha` > 0 the step trains on a `mixup` of the batch: the loss is the two labels' losses weighted
+    by the mixing weight, and a prediction counts as correct when it is the label of the larger weight.
     """
     optimizer.zero_grad(set_to_none=True)
     labels = batch["label"]
