@@ -135,8 +135,8 @@ def model_config(feature_dim: int) -> dict:
     return {"modalities": list(MODALITIES), "visual_input": VISUAL_INPUT, "feature_dim": feature_dim, "width": WIDTH,
             "audio_channels": list(AUDIO_CHANNELS), "audio_tokens": AUDIO_TOKENS, "audio_block": AUDIO_BLOCK,
             "visual_tokens": VISUAL_TOKENS, "fusion": FUSION, "fusion_layers": FUSION_LAYERS,
-            "frame_backbone": FRAME_BACKBONE, "pretrained": PRETRAINED, "dropout": DROPOUT, "encoder_dropout": ENCODER_DROPOUT,
-            "feature_noise": FEATURE_NOISE, "modality_dropout": MODALITY_DROPOUT}
+            "frame_backbone": FRAME_BACKBONE, "pretrained": PRETRAINED, "dropout": DROPOUT,
+            "encoder_dropout": ENCODER_DROPOUT, "feature_noise": FEATURE_NOISE, "modality_dropout": MODALITY_DROPOUT}
 
 
 def build(feature_dim: int, runtime) -> tuple[torch.nn.Module, list[str]]:
