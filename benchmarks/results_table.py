@@ -61,6 +61,11 @@ def seed_runs(root: Path, script: str, run: str) -> list[Path]:
     return [root / script / name for name in names if (root / script / name / "cv_metrics.json").exists()]
 
 
+def epochs_trained(run: Path) -> int:
+    """Epochs of training behind fold 0's tested weights' run (all stages): the budget a row was measured with."""
+    return json.loads((run / "fold0" / "log.jsonl").read_text().splitlines()[-1])["epoch"]
+
+
 def ensemble_accuracy(runs: list[Path]) -> float:
     """Mean over folds of the accuracy of the seeds' averaged class probabilities."""
     accuracies = []
@@ -77,8 +82,8 @@ def ensemble_accuracy(runs: list[Path]) -> float:
 def main() -> None:
     root = Path(OUTPUT_DIR)
     missing = []
-    print("| model (config) | modalities | accuracy, seed 0 | UAR, seed 0 | per-fold accuracy, seed 0 | "
-          "accuracy, mean over seeds | seed ensemble |\n|---|---|---|---|---|---|---|")
+    print("| model (config) | modalities | epochs | accuracy, seed 0 | UAR, seed 0 | per-fold accuracy, seed 0 | "
+          "accuracy, mean over seeds | seed ensemble |\n|---|---|---|---|---|---|---|---|")
     for run, script, model, modalities in ROWS:
         runs = seed_runs(root, script, run)
         if not runs or runs[0].name != run:
@@ -92,7 +97,7 @@ def main() -> None:
             means = [json.loads((r / "cv_metrics.json").read_text())["accuracy"]["mean"] for r in runs]
             seeds = (f" {np.mean(means):.1%} +- {np.std(means):.1%} ({len(runs)} seeds) | "
                      f"{ensemble_accuracy(runs):.1%} |")
-        print(f"| {model} | {modalities} | {acc['mean']:.1%} +- {acc['std']:.1%} | {uar['mean']:.1%} +- "
+        print(f"| {model} | {modalities} | {epochs_trained(runs[0])} | {acc['mean']:.1%} +- {acc['std']:.1%} | {uar['mean']:.1%} +- "
               f"{uar['std']:.1%} | {folds} |{seeds}")
     if missing:
         print(f"not finished: {', '.join(missing)}", file=sys.stderr)

@@ -160,9 +160,10 @@ def test_finished_run_reports_itself_and_refuses_other_constants(synthetic_root,
 
 def test_preset_first_then_explicit_constants():
     done = run_cli(["-c", "import sys, train_lite_model as s; from training.config import apply_overrides; "
-                          "apply_overrides(vars(s), sys.argv[1:]); print(s.WIDTH, s.DROPOUT, s.FUSION_LAYERS)",
+                          "apply_overrides(vars(s), sys.argv[1:]); "
+                          "print(s.WIDTH, s.DROPOUT, s.FUSION_LAYERS, s.STAGE1_EPOCHS)",
                     "--preset=cpu", "--dropout=0.4"])
-    assert done.stdout.split() == ["128", "0.4", "1"], done.stderr
+    assert done.stdout.split() == ["128", "0.4", "1", "40"], done.stderr
 
 
 def test_early_stop_is_announced(capsys):

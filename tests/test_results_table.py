@@ -15,7 +15,7 @@ from tests.shared_paths import REPO
 
 
 def write_run(root, name: str, fold_probabilities: list[list[list[float]]], clip_ids: list[str],
-              alternatives: list[dict] | None = None) -> None:
+              alternatives: list[dict] | None = None, epochs: int = 3) -> None:
     folds = []
     for fold, probabilities in enumerate(fold_probabilities):
         labels = [int(c.split("-")[1]) - 1 for c in clip_ids]
@@ -27,6 +27,7 @@ def write_run(root, name: str, fold_probabilities: list[list[list[float]]], clip
         (path / "metrics.json").write_text(json.dumps({"probabilities": probabilities, "clip_ids": clip_ids,
                                                        "accuracy": accuracy, "selection": "best_val",
                                                        "alternatives": alternative}))
+        (path / "log.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(1, epochs + 1)))
     summary = {"accuracy": {"mean": sum(folds) / len(folds), "std": 0.0, "per_fold": folds},
                "uar": {"mean": 0.5, "std": 0.0, "per_fold": folds}}
     (root / "train_simple_working" / name / "cv_metrics.json").write_text(json.dumps(summary))
@@ -50,6 +51,7 @@ def test_seed_mean_and_ensemble(tmp_path, monkeypatch, capsys):
     results_table.main()
     row = next(line for line in capsys.readouterr().out.splitlines() if "| audio |" in line)
     assert "50.0% +- 0.0% (2 seeds)" in row and row.endswith("| 100.0% |")
+    assert "| audio | 3 | 50.0% +- 0.0% |" in row  # the epochs of the seed-0 run's last logged epoch
 
 
 def test_selection_table_averages_the_alternatives_over_folds(tmp_path, monkeypatch, capsys):
