@@ -3,7 +3,8 @@
     python benchmarks/results_table.py            # rows whose 5 folds are all finished; the rest are listed
     python benchmarks/results_table.py --selection_runs=exp_simple_audio_au_bestval2   # + runs in the 2nd table
 
-Seed 0 gives the per-fold figures. Where more seeds finished (bench_<row>_seed<s>), two more columns: the mean
+Seed 0 gives the per-fold figures and the epochs (the budget its fold 0 trained: rows measured before a default
+budget changed show it). Where more seeds finished (bench_<row>_seed<s>), two more columns: the mean
 +- std over seeds of the CV mean accuracy, and the accuracy of the seed ensemble (per fold, the class
 probabilities of the seeds' models averaged per clip, then the argmax; mean over folds).
 
