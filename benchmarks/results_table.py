@@ -63,7 +63,7 @@ def seed_runs(root: Path, script: str, run: str) -> list[Path]:
 
 
 def epochs_trained(run: Path) -> int:
-    """Epochs of training behind fold 0's tested weights' run (all stages): the budget a row was measured with."""
+    """Epochs that fold 0 of `run` trained (all stages): the budget the row was measured with."""
     return json.loads((run / "fold0" / "log.jsonl").read_text().splitlines()[-1])["epoch"]
 
 
@@ -98,8 +98,8 @@ def main() -> None:
             means = [json.loads((r / "cv_metrics.json").read_text())["accuracy"]["mean"] for r in runs]
             seeds = (f" {np.mean(means):.1%} +- {np.std(means):.1%} ({len(runs)} seeds) | "
                      f"{ensemble_accuracy(runs):.1%} |")
-        print(f"| {model} | {modalities} | {epochs_trained(runs[0])} | {acc['mean']:.1%} +- {acc['std']:.1%} | {uar['mean']:.1%} +- "
-              f"{uar['std']:.1%} | {folds} |{seeds}")
+        print(f"| {model} | {modalities} | {epochs_trained(runs[0])} | {acc['mean']:.1%} +- {acc['std']:.1%} | "
+              f"{uar['mean']:.1%} +- {uar['std']:.1%} | {folds} |{seeds}")
     if missing:
         print(f"not finished: {', '.join(missing)}", file=sys.stderr)
     extra = [(name, find_run(root, name)) for name in SELECTION_RUNS.split(",") if name]
