@@ -15,7 +15,7 @@ from tests.shared_paths import REPO
 
 
 def write_run(root, name: str, fold_probabilities: list[list[list[float]]], clip_ids: list[str],
-              alternatives: list[dict] | None = None, epochs: int = 3) -> None:
+              alternatives: list[dict] | None = None) -> None:
     folds = []
     for fold, probabilities in enumerate(fold_probabilities):
         labels = [int(c.split("-")[1]) - 1 for c in clip_ids]
@@ -27,7 +27,7 @@ def write_run(root, name: str, fold_probabilities: list[list[list[float]]], clip
         (path / "metrics.json").write_text(json.dumps({"probabilities": probabilities, "clip_ids": clip_ids,
                                                        "accuracy": accuracy, "selection": "best_val",
                                                        "alternatives": alternative}))
-        (path / "log.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in range(1, epochs + 1)))
+        (path / "log.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
     summary = {"accuracy": {"mean": sum(folds) / len(folds), "std": 0.0, "per_fold": folds},
                "uar": {"mean": 0.5, "std": 0.0, "per_fold": folds}}
     (root / "train_simple_working" / name / "cv_metrics.json").write_text(json.dumps(summary))
