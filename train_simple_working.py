@@ -167,7 +167,8 @@ def train_fold(run: RunFolder, fold: int, settings: DataSettings, cache, runtime
 
     test = final_test(run, model, MODEL_NAME, loaders.test, runtime, loaders.class_names,
                       {"fold": fold, "test_actors": list(split.test), "val_actors": list(split.val)},
-                      TEST_TIME_SHIFTS, loaders.time_shift_steps(TEST_TIME_SHIFTS), loaders.time_shift_steps(2))
+                      TEST_TIME_SHIFTS, loaders.time_shift_steps(TEST_TIME_SHIFTS), loaders.time_shift_steps(2),
+                      select=SELECT_CHECKPOINT)
     print(f"fold {fold} test (actors {split.test}): accuracy {test['accuracy']:.1%}, UAR {test['uar']:.1%}")
     return test
 
@@ -183,7 +184,8 @@ def main() -> None:
     cross_validate(run, folds, lambda fold_run, fold: train_fold(fold_run, fold, settings, cache, runtime, config),
                    f"{len(folds)}-fold actor-disjoint CV over actors {ACTORS}, "
                    f"modalities {'+'.join(MODALITIES)} ({VISUAL_INPUT if 'visual' in MODALITIES else 'no visual'})",
-                   explicit_split=bool(TEST_ACTORS))
+                   explicit_split=bool(TEST_ACTORS),
+                   test_plan={"selection": SELECT_CHECKPOINT, "test_time_shifts": TEST_TIME_SHIFTS})
 
 
 if __name__ == "__main__":

@@ -158,6 +158,35 @@ def test_finished_run_reports_itself_and_refuses_other_constants(synthetic_root,
     assert restarted.returncode == 0 and "finished earlier" not in restarted.stdout
 
 
+@pytest.mark.parametrize("script", ["train_simple_working"], indirect=True)
+def test_a_finished_run_is_tested_again_under_another_selection(script, synthetic_root, synthetic_cache, tmp_path,
+                                                                 capsys):
+    base = {**tiny_overrides(synthetic_root, synthetic_cache, tmp_path), "EPOCHS": 2, "N_VAL_ACTORS": 0,
+            "EMA_DECAY": 0.9, "RUN_NAME": "retest"}
+    run_main(script, {**base, "SELECT_CHECKPOINT": "last", "TEST_TIME_SHIFTS": 0})
+    fold = tmp_path / "train_simple_working" / "retest" / "fold0"
+    first = json.loads((fold / "metrics.json").read_text())
+    capsys.readouterr()
+    run_main(script, {**base, "SELECT_CHECKPOINT": "ema", "TEST_TIME_SHIFTS": 0})
+    out = capsys.readouterr().out
+    assert "fold 0 finished earlier, tested with selection 'last', test_time_shifts 0: testing its saved weights " \
+           "with selection 'ema', test_time_shifts 0" in out
+    assert "epoch 1" not in out and len((fold / "log.jsonl").read_text().splitlines()) == 2  # no training
+    metrics = json.loads((fold / "metrics.json").read_text())
+    assert metrics["selection"] == "ema" and metrics["accuracy"] == first["alternatives"]["ema"]
+    last, best = (torch.load(fold / name, weights_only=True) for name in ("ckpt_last.pt", "ckpt_best.pt"))
+    assert best["selection"] == "ema" and best["run_config"]["SELECT_CHECKPOINT"] == "ema"
+    averaged = {k[len("module."):]: v for k, v in last["ema"].items() if k.startswith("module.")}
+    assert all(torch.equal(value, averaged[key]) for key, value in best["model"].items())
+    run_main(script, {**base, "SELECT_CHECKPOINT": "last", "TEST_TIME_SHIFTS": 1})
+    metrics = json.loads((fold / "metrics.json").read_text())
+    assert (metrics["selection"], metrics["test_time_shifts"]) == ("last", 1)
+    assert all(torch.equal(v, last["model"][k]) for k, v in
+               torch.load(fold / "ckpt_best.pt", weights_only=True)["model"].items())
+    with pytest.raises(ConfigError, match="SELECT_CHECKPOINT 'last' -> 'best_val'"):  # best_val changes training
+        run_main(script, {**base, "SELECT_CHECKPOINT": "best_val", "N_VAL_ACTORS": 1})
+
+
 def test_preset_first_then_explicit_constants():
     done = run_cli(["-c", "import sys, train_lite_model as s; from training.config import apply_overrides; "
                           "apply_overrides(vars(s), sys.argv[1:]); "

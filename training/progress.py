@@ -211,10 +211,13 @@ def next_stage(progress: Progress, patience: int, stage_name: str) -> None:
 
 def final_test(run: RunFolder, model: nn.Module, model_name: str, test_loader, runtime: Runtime,
                class_names: list[str], extra: dict | None = None, audio_shifts: int = 0,
-               shift_steps: int = 0, compare_shift_steps: int = 0) -> dict:
+               shift_steps: int = 0, compare_shift_steps: int = 0, select: str = "best_val") -> dict:
     """Evaluate the selected weights (ckpt_best.pt) on the test actors, with optional time-shift test-time
     averaging (`training.step.predict`); write metrics.json, with every clip's probabilities so that runs of
     several seeds can be ensembled, and the confusion-matrix figure.
+
+    `select` "last" or "ema" takes the weights from ckpt_last.pt, and rewrites ckpt_best.pt when it holds the other
+    choice: a finished run re-tested under another SELECT_CHECKPOINT keeps one consistent ckpt_best.pt.
 
     metrics.json also records `alternatives`: the test accuracy of the last and of the EMA weights, each with and
     without 2 x 2 time shifts of `compare_shift_steps` frames. The choice of weights never changes training, so
@@ -222,12 +225,12 @@ def final_test(run: RunFolder, model: nn.Module, model_name: str, test_loader, r
     Under torchrun rank 0 tests (each clip once) and every rank returns its metrics.
     """
     return from_main(lambda: _test_saved_weights(run, model, model_name, test_loader, runtime, class_names, extra,
-                                                 audio_shifts, shift_steps, compare_shift_steps))
+                                                 audio_shifts, shift_steps, compare_shift_steps, select))
 
 
 def _test_saved_weights(run: RunFolder, model: nn.Module, model_name: str, test_loader, runtime: Runtime,
                         class_names: list[str], extra: dict | None, audio_shifts: int, shift_steps: int,
-                        compare_shift_steps: int) -> dict:
+                        compare_shift_steps: int, select: str) -> dict:
     last = load_checkpoint(run.last)
     alternatives = {}
     for name, weights in (("last", last["model"]), ("ema", last.get("ema"))):
@@ -238,6 +241,8 @@ def _test_saved_weights(run: RunFolder, model: nn.Module, model_name: str, test_
         if compare_shift_steps:
             alternatives[f"{name}_shifts2"] = evaluate(model, test_loader, runtime, len(class_names), 2,
                                                        compare_shift_steps)["accuracy"]
+    if select != "best_val":
+        _select_from_last(run, model, last, select)
     state = load_checkpoint(run.best if run.best.exists() else run.last)
     load_model_weights(model, state, model_name, run.best)
     metrics = evaluate(model, test_loader, runtime, len(class_names), audio_shifts, shift_steps)
@@ -253,6 +258,18 @@ def _test_saved_weights(run: RunFolder, model: nn.Module, model_name: str, test_
     return metrics
 
 
+def _select_from_last(run: RunFolder, model: nn.Module, last: dict, select: str) -> None:
+    """Make ckpt_best.pt hold `select`'s weights ("last" or "ema") of ckpt_last.pt, unless it already does."""
+    if run.best.exists() and load_checkpoint(run.best).get("selection") == select:
+        return
+    if select == "ema" and last.get("ema") is None:
+        raise ConfigError(f"{run.last} holds no EMA weights to test; use --select_checkpoint=last, or --restart=True")
+    model.load_state_dict(averaged_weights(last["ema"]) if select == "ema" else last["model"])
+    run_config = {**last.get("run_config", {}), "SELECT_CHECKPOINT": select}
+    save_checkpoint(run.best, make_state(model, last["model_name"], progress=last["progress"], run_config=run_config,
+                                         feature_stats=last.get("feature_stats"), selection=select))
+
+
 def fold_list(fold: int | str, n_folds: int) -> list[int]:
     """FOLD="all" runs every fold of the cross-validation, an int runs that one fold."""
     if fold == "all":
@@ -266,6 +283,13 @@ def fold_list(fold: int | str, n_folds: int) -> list[int]:
 # processes it runs (SYNC_BATCHNORM acts only under torchrun; runs made before it existed resume).
 RUN_INDEPENDENT_KEYS = ("FOLD", "NUM_WORKERS", "PREP_WORKERS", "DEVICE", "RESTART", "RUN_NAME", "OUTPUT_DIR",
                         "SYNC_BATCHNORM")
+
+
+def only_retests(key: str, old: object, new: object) -> bool:
+    """Whether changing constant `key` from `old` to `new` changes only how a run's saved weights are tested: then
+    a finished fold is tested again (`cross_validate`'s `test_plan`) instead of the run being refused. Not best_val:
+    it stops training early and selects on validation actors."""
+    return key == "TEST_TIME_SHIFTS" or (key == "SELECT_CHECKPOINT" and {old, new} <= {"last", "ema"})
 
 
 def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_description: str,
@@ -287,8 +311,8 @@ def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_
     elif previous is not None:
         old = {**to_jsonable(added_constants or {}), **previous.get("config", {})}
         new = to_jsonable(config)
-        changed = [k for k in sorted(set(old) | set(new))
-                   if k not in RUN_INDEPENDENT_KEYS and old.get(k) != new.get(k)]
+        changed = [k for k in sorted(set(old) | set(new)) if k not in RUN_INDEPENDENT_KEYS
+                   and old.get(k) != new.get(k) and not only_retests(k, old.get(k), new.get(k))]
         if changed:
             detail = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
             more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
@@ -299,16 +323,26 @@ def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_
 
 
 def cross_validate(run: RunFolder, folds: list[int], train_fold: Callable[[RunFolder, int], dict],
-                   protocol: str, explicit_split: bool = False) -> list[dict]:
+                   protocol: str, explicit_split: bool = False, test_plan: dict | None = None) -> list[dict]:
     """Train each fold (skipping folds whose metrics.json exists) and report mean +- std when there are several.
 
     One folder per fold, so folds can also run as separate processes (--fold=0, --fold=1, ... on several GPUs or
     sessions) and a later --fold=all only collects their metrics.json. An explicit split uses the run folder.
+    `test_plan`: how folds are tested now ({"selection": ..., "test_time_shifts": ...}); a finished fold tested
+    otherwise goes through `train_fold` again, which resumes after its last epoch and only tests.
     """
     results = []
     for fold in folds:
         fold_run = run if explicit_split else run.sub(f"fold{fold}")
         finished = from_main(fold_run.read_metrics)  # rank 0's file decides, for every rank
+        if finished is not None and any(finished.get(k) != v for k, v in (test_plan or {}).items()):
+            was = ", ".join(f"{k} {finished.get(k)!r}" for k in test_plan)
+            now = ", ".join(f"{k} {v!r}" for k, v in test_plan.items())
+            if not from_main(fold_run.has_checkpoint):
+                raise ConfigError(f"{fold_run.dir} has no ckpt_last.pt to test again with {now}; "
+                                  f"set back {was}, or --restart=True")
+            print(f"fold {fold} finished earlier, tested with {was}: testing its saved weights with {now}")
+            finished = None
         if finished is not None:
             print(f"fold {fold} finished earlier: test accuracy {finished['accuracy']:.1%}, UAR {finished['uar']:.1%} "
                   f"({fold_run.dir / 'metrics.json'}; --restart=True trains it again)")
