@@ -190,9 +190,9 @@ def test_a_finished_run_is_tested_again_under_another_selection(script, syntheti
 def test_preset_first_then_explicit_constants():
     done = run_cli(["-c", "import sys, train_lite_model as s; from training.config import apply_overrides; "
                           "apply_overrides(vars(s), sys.argv[1:]); "
-                          "print(s.WIDTH, s.DROPOUT, s.FUSION_LAYERS, s.STAGE1_EPOCHS)",
+                          "print(s.WIDTH, s.DROPOUT, s.FUSION_LAYERS, s.STAGE1_EPOCHS, s.SELECT_CHECKPOINT)",
                     "--preset=cpu", "--dropout=0.4"])
-    assert done.stdout.split() == ["128", "0.4", "1", "40"], done.stderr
+    assert done.stdout.split() == ["128", "0.4", "1", "40", "ema"], done.stderr
 
 
 def test_early_stop_is_announced(capsys):
