@@ -124,7 +124,7 @@ MODEL_NAME = "lite"
 # 0.2 / 0.2 / 0.2 / 1e-2 / 2e-3, every other fusion higher on seed 0, audio alone -0.4 and AUs alone +1.4 over 3
 # seeds (README, Results). Its 40 epochs: the small audio CNN still underfits at 20; over 3 seeds audio alone
 # +3.5 points, concat fusion +2.0, AUs alone -1.4 (README, "A longer budget"). Its EMA selection: at 40 epochs the
-# averaged weights test 0.2-1.9 points above the last ones on the mean of each of the 7 rows (README, "Model
+# averaged weights test 0.2-1.2 points above the last ones on the mean of each of the 7 rows (README, "Model
 # selection"); the last weights still win for SimpleCNN and the full model.
 # Constants added after the benchmark's runs were made, with the value that trains as the script did before them
 _ADDED_CONSTANTS = {"AUDIO_TOKENS": 8, "MIXUP_ALPHA": 0.0}
