@@ -247,7 +247,7 @@ def main() -> None:
                    f"modalities {'+'.join(MODALITIES)} ({VISUAL_INPUT if 'visual' in MODALITIES else 'no visual'}), "
                    f"LFM2 fusion, preset {PRESET}{', LEGACY recipe' if LEGACY else ''}",
                    explicit_split=bool(TEST_ACTORS),
-                   test_plan={"selection": SELECT_CHECKPOINT, "test_time_shifts": TEST_TIME_SHIFTS})
+                   select=SELECT_CHECKPOINT, test_time_shifts=TEST_TIME_SHIFTS)
 
 
 if __name__ == "__main__":

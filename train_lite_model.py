@@ -238,7 +238,7 @@ def main() -> None:
                    f"modalities {'+'.join(MODALITIES)} ({VISUAL_INPUT if 'visual' in MODALITIES else 'no visual'}), "
                    f"fusion {FUSION}",
                    explicit_split=bool(TEST_ACTORS),
-                   test_plan={"selection": SELECT_CHECKPOINT, "test_time_shifts": TEST_TIME_SHIFTS})
+                   select=SELECT_CHECKPOINT, test_time_shifts=TEST_TIME_SHIFTS)
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ def main() -> None:
                    f"{len(folds)}-fold actor-disjoint CV over actors {ACTORS}, "
                    f"modalities {'+'.join(MODALITIES)} ({VISUAL_INPUT if 'visual' in MODALITIES else 'no visual'})",
                    explicit_split=bool(TEST_ACTORS),
-                   test_plan={"selection": SELECT_CHECKPOINT, "test_time_shifts": TEST_TIME_SHIFTS})
+                   select=SELECT_CHECKPOINT, test_time_shifts=TEST_TIME_SHIFTS)
 
 
 if __name__ == "__main__":

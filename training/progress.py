@@ -233,17 +233,18 @@ def _test_saved_weights(run: RunFolder, model: nn.Module, model_name: str, test_
                         compare_shift_steps: int, select: str) -> dict:
     last = load_checkpoint(run.last)
     alternatives = {}
-    for name, weights in (("last", last["model"]), ("ema", last.get("ema"))):
-        if weights is None:
+    for name in ("last", "ema"):
+        if name == "ema" and last.get("ema") is None:
             continue
-        model.load_state_dict(averaged_weights(weights) if name == "ema" else weights)
+        model.load_state_dict(_weights_in_last(last, name))
         alternatives[name] = evaluate(model, test_loader, runtime, len(class_names))["accuracy"]
         if compare_shift_steps:
             alternatives[f"{name}_shifts2"] = evaluate(model, test_loader, runtime, len(class_names), 2,
                                                        compare_shift_steps)["accuracy"]
-    if select != "best_val":
-        _select_from_last(run, model, last, select)
-    state = load_checkpoint(run.best if run.best.exists() else run.last)
+    best = load_checkpoint(run.best) if run.best.exists() else None
+    if select != "best_val" and (best is None or best.get("selection") != select):
+        best = _select_from_last(run, model, last, select)
+    state = best or last
     load_model_weights(model, state, model_name, run.best)
     metrics = evaluate(model, test_loader, runtime, len(class_names), audio_shifts, shift_steps)
     progress = state["progress"]
@@ -258,16 +259,21 @@ def _test_saved_weights(run: RunFolder, model: nn.Module, model_name: str, test_
     return metrics
 
 
-def _select_from_last(run: RunFolder, model: nn.Module, last: dict, select: str) -> None:
-    """Make ckpt_best.pt hold `select`'s weights ("last" or "ema") of ckpt_last.pt, unless it already does."""
-    if run.best.exists() and load_checkpoint(run.best).get("selection") == select:
-        return
+def _weights_in_last(last: dict, name: str) -> dict:
+    """The model state dict of ckpt_last.pt's last ("last") or averaged ("ema") weights."""
+    return averaged_weights(last["ema"]) if name == "ema" else last["model"]
+
+
+def _select_from_last(run: RunFolder, model: nn.Module, last: dict, select: str) -> dict:
+    """Write ckpt_best.pt with `select`'s weights ("last" or "ema") of ckpt_last.pt; return the state written."""
     if select == "ema" and last.get("ema") is None:
         raise ConfigError(f"{run.last} holds no EMA weights to test; use --select_checkpoint=last, or --restart=True")
-    model.load_state_dict(averaged_weights(last["ema"]) if select == "ema" else last["model"])
+    model.load_state_dict(_weights_in_last(last, select))
     run_config = {**last.get("run_config", {}), "SELECT_CHECKPOINT": select}
-    save_checkpoint(run.best, make_state(model, last["model_name"], progress=last["progress"], run_config=run_config,
-                                         feature_stats=last.get("feature_stats"), selection=select))
+    state = make_state(model, last["model_name"], progress=last["progress"], run_config=run_config,
+                       feature_stats=last.get("feature_stats"), selection=select)
+    save_checkpoint(run.best, state)
+    return state
 
 
 def fold_list(fold: int | str, n_folds: int) -> list[int]:
@@ -287,7 +293,7 @@ RUN_INDEPENDENT_KEYS = ("FOLD", "NUM_WORKERS", "PREP_WORKERS", "DEVICE", "RESTAR
 
 def only_retests(key: str, old: object, new: object) -> bool:
     """Whether changing constant `key` from `old` to `new` changes only how a run's saved weights are tested: then
-    a finished fold is tested again (`cross_validate`'s `test_plan`) instead of the run being refused. Not best_val:
+    a finished fold is tested again (`cross_validate`) instead of the run being refused. Not best_val:
     it stops training early and selects on validation actors."""
     return key == "TEST_TIME_SHIFTS" or (key == "SELECT_CHECKPOINT" and {old, new} <= {"last", "ema"})
 
@@ -323,19 +329,21 @@ def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_
 
 
 def cross_validate(run: RunFolder, folds: list[int], train_fold: Callable[[RunFolder, int], dict],
-                   protocol: str, explicit_split: bool = False, test_plan: dict | None = None) -> list[dict]:
+                   protocol: str, explicit_split: bool = False, select: str | None = None,
+                   test_time_shifts: int = 0) -> list[dict]:
     """Train each fold (skipping folds whose metrics.json exists) and report mean +- std when there are several.
 
     One folder per fold, so folds can also run as separate processes (--fold=0, --fold=1, ... on several GPUs or
     sessions) and a later --fold=all only collects their metrics.json. An explicit split uses the run folder.
-    `test_plan`: how folds are tested now ({"selection": ..., "test_time_shifts": ...}); a finished fold tested
-    otherwise goes through `train_fold` again, which resumes after its last epoch and only tests.
+    `select` and `test_time_shifts` (SELECT_CHECKPOINT, TEST_TIME_SHIFTS): how folds are tested now; a finished fold
+    tested otherwise goes through `train_fold` again, which resumes after its last epoch and only tests.
     """
+    test_plan = {"selection": select, "test_time_shifts": test_time_shifts} if select is not None else {}
     results = []
     for fold in folds:
         fold_run = run if explicit_split else run.sub(f"fold{fold}")
         finished = from_main(fold_run.read_metrics)  # rank 0's file decides, for every rank
-        if finished is not None and any(finished.get(k) != v for k, v in (test_plan or {}).items()):
+        if finished is not None and any(finished.get(k) != v for k, v in test_plan.items()):
             was = ", ".join(f"{k} {finished.get(k)!r}" for k in test_plan)
             now = ", ".join(f"{k} {v!r}" for k, v in test_plan.items())
             if not from_main(fold_run.has_checkpoint):
