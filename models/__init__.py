@@ -34,5 +34,5 @@ def build_model(name: str, config: dict) -> nn.Module:
     cls = model_class(name)
     try:
         return cls(**config)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ModelConfigError(f"cannot build model '{name}' from this config: {err}") from None

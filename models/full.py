@@ -54,7 +54,7 @@ class MultimodalFER(nn.Module):
         frame_backbone: str = "resnet18",
         pretrained: bool = False,
         frame_input_size: int | None = None,
-        layout: str | Sequence[str] = LFM2_LAYOUT,
+        layout: str | Sequence[str] = LFM2_LAYOUT,  # or "lfm2" (this layout), or "conv,attn,..."
         n_heads: int = 12,
         n_kv_heads: int = 4,
         mlp_hidden: int = 2816,
@@ -86,7 +86,7 @@ class MultimodalFER(nn.Module):
             raise ValueError(f"visual_input must be 'frames' or 'features', got '{visual_input}'")
         if not 0.0 <= modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
-        layout = layout if isinstance(layout, str) else list(layout)
+        layout = list(LFM2_LAYOUT) if layout == "lfm2" else layout if isinstance(layout, str) else list(layout)
         self.config = {
             "modalities": list(modalities), "visual_input": visual_input, "feature_dim": feature_dim,
             "width": width, "n_segments": n_segments, "audio_channels": list(audio_channels),
@@ -199,16 +199,21 @@ class MultimodalFER(nn.Module):
         return maps
 
     # ------------------------------------------------------------------------------------ init and size
-    def init_weights(self, strategy: str = "scaled_residual", gain: float = 0.5) -> None:
+    def init_weights(self, strategy: str = "scaled_residual", gain: float = 0.5,
+                     encoder_strategy: str | None = None) -> None:
         """Re-initialise with a `models.init` strategy; residual scaling uses the number of fusion blocks.
 
-        An ImageNet-pretrained frame backbone keeps its weights.
+        `encoder_strategy` (default: `strategy`) initialises the audio and visual encoders, ReLU + BatchNorm
+        networks whose usual init is Kaiming, while the fusion stack keeps its depth-scaled one. An
+        ImageNet-pretrained frame backbone keeps its weights.
         """
         depth = len(self.fusion.blocks)
         visual = getattr(self, "visual_encoder", None)
         keep_backbone = isinstance(visual, FrameEncoder) and visual.pretrained
         for name, child in self.named_children():
-            apply_init(child.proj if name == "visual_encoder" and keep_backbone else child, strategy, gain, depth)
+            child_strategy = (encoder_strategy or strategy) if name.endswith("_encoder") else strategy
+            apply_init(child.proj if name == "visual_encoder" and keep_backbone else child, child_strategy, gain,
+                       depth)
         self._plant_massive_activations()
 
     def _plant_massive_activations(self) -> None:

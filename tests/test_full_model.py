@@ -157,6 +157,26 @@ def test_scaled_residual_scales_output_projections_by_depth():
     assert torch.equal(scaled.fusion.blocks[0].mlp.up.weight, xavier.fusion.blocks[0].mlp.up.weight)
 
 
+def test_encoder_strategy_initialises_only_the_encoders():
+    scaled, mixed = small_model(visual_input="features"), small_model(visual_input="features")
+    torch.manual_seed(1)
+    scaled.init_weights("scaled_residual")
+    torch.manual_seed(1)
+    mixed.init_weights("scaled_residual", encoder_strategy="kaiming")
+    conv = next(m for m in mixed.audio_encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    fan_in = conv.weight[0].numel()
+    assert conv.weight.std().item() == pytest.approx((2 / fan_in) ** 0.5, rel=0.3)  # Kaiming, not Xavier x 0.5
+    linear = mixed.visual_encoder.mlp[0]
+    assert linear.weight.std().item() == pytest.approx((2 / linear.in_features) ** 0.5, rel=0.3)
+    for name in ("fusion", "pool", "classifier"):  # drawn after the encoders: same distribution, other draws
+        for key, weight in getattr(scaled, name).state_dict().items():
+            if key.endswith("weight") and weight.dim() == 2 and weight.numel() >= 256:
+                other = getattr(mixed, name).state_dict()[key]
+                assert other.std().item() == pytest.approx(weight.std().item(), rel=0.2), f"{name}.{key}"
+    scaled_conv = next(m for m in scaled.audio_encoder.modules() if isinstance(m, torch.nn.Conv2d))
+    assert scaled_conv.weight.std().item() < conv.weight.std().item() / 2
+
+
 def test_init_keeps_a_pretrained_frame_backbone():
     model = small_model()
     model.visual_encoder.pretrained = True  # as after ImageNet weights or load_face_pretrained

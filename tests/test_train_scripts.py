@@ -167,3 +167,20 @@ def test_progressive_scripts_run_both_stages(script, extra, synthetic_root, synt
     confusion = np.array(metrics["confusion"])  # the test actor's 16 clips, each counted once
     assert confusion.sum() == 16 and metrics["accuracy"] == pytest.approx(np.trace(confusion) / 16)
     assert metrics["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("script", ["train_full_model"], indirect=True)
+def test_full_model_layout_and_encoder_init_constants(script):
+    from models import ModelConfigError, build_model
+
+    vars(script).update({"WIDTH": 32, "MLP_HIDDEN": 64, "N_HEADS": 2, "N_KV_HEADS": 1, "AUDIO_CHANNELS": (4, 8),
+                         "FRAME_BACKBONE": "tiny", "VISUAL_INPUT": "features"})
+    assert len(build_model("full", script.model_config(35)).fusion.blocks) == 16  # "lfm2"
+    script.LAYOUT = "conv,attn"
+    assert [b.kind for b in build_model("full", script.model_config(35)).fusion.blocks] == ["conv", "attn"]
+    script.LAYOUT = "conv,bogus"
+    with pytest.raises(ModelConfigError, match="layout must be"):
+        build_model("full", script.model_config(35))
+    assert script.recipe()["encoder_init"] == script.ENCODER_INIT
+    script.LEGACY = True
+    assert script.recipe()["encoder_init"] == "default"  # the original run's PyTorch init, encoders included
