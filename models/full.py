@@ -4,6 +4,10 @@
     frames (B, N, 3, H, W) -> FrameEncoder (or FeatureEncoder)   -> (B, S, width) + visual embedding
     concatenated 2S tokens -> LFM2 stack -> attention pool -> classifier -> (B, 8) logits
 
+`readout` chooses the head: "joint" (one attention pool over all fused tokens, then a linear layer) or
+"modality_pools" (Lite's concat head: one `n_heads`-head attention pool per modality over its own fused tokens,
+concatenated, then a two-layer MLP).
+
 Each token's rotary position is its time-segment index, so `audio_i` and `visual_i` (the same stretch of the clip)
 share a position and attention sees audio-visual time offsets directly. The short convolutions run over each
 modality's tokens separately (`conv_per_modality`), so their kernel only mixes tokens that are neighbours in time.
@@ -39,6 +43,7 @@ VISUAL_INPUTS = ("frames", "features")
 # LFM2-350M's block layout: 16 blocks, attention in 6 of them (2, 5, 8, 10, 12, 14), the short convolution elsewhere.
 LFM2_LAYOUT = ("conv", "conv", "attn", "conv", "conv", "attn", "conv", "conv",
                "attn", "conv", "attn", "conv", "attn", "conv", "attn", "conv")
+READOUTS = ("joint", "modality_pools")
 MASSIVE_BLOCK = 1  # the block whose MLP writes emulated massive activations (LLMs grow them in their first blocks)
 
 
@@ -69,6 +74,7 @@ class MultimodalFER(nn.Module):
         gradient_checkpointing: bool = False,
         num_classes: int = 8,
         conv_per_modality: bool = True,
+        readout: str = "joint",
         # Legacy switches (issue 12): the stable value first; see models/lfm2.py for what each does.
         float32_residual: bool = True,
         float32_norms: bool = True,
@@ -86,6 +92,8 @@ class MultimodalFER(nn.Module):
             raise ValueError(f"visual_input must be 'frames' or 'features', got '{visual_input}'")
         if not 0.0 <= modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {modality_dropout}")
+        if readout not in READOUTS:
+            raise ValueError(f"readout must be one of {READOUTS}, got '{readout}'")
         layout = list(LFM2_LAYOUT) if layout == "lfm2" else layout if isinstance(layout, str) else list(layout)
         self.config = {
             "modalities": list(modalities), "visual_input": visual_input, "feature_dim": feature_dim,
@@ -96,7 +104,7 @@ class MultimodalFER(nn.Module):
             "dropout": dropout, "encoder_dropout": encoder_dropout, "feature_noise": feature_noise,
             "modality_dropout": modality_dropout,
             "gradient_checkpointing": gradient_checkpointing, "num_classes": num_classes,
-            "conv_per_modality": conv_per_modality, "float32_residual": float32_residual,
+            "conv_per_modality": conv_per_modality, "readout": readout, "float32_residual": float32_residual,
             "float32_norms": float32_norms, "float32_mlp_product": float32_mlp_product,
             "repeat_layer_calls": repeat_layer_calls, "causal_attention": causal_attention,
             "attention_mask_fill": attention_mask_fill, "massive_activations": massive_activations,
@@ -124,8 +132,13 @@ class MultimodalFER(nn.Module):
                                 repeat_calls=repeat_layer_calls, causal_attention=causal_attention,
                                 mask_fill=attention_mask_fill, float32_norms=float32_norms,
                                 float32_mlp_product=float32_mlp_product)
-        self.pool = AttentionPool(width)
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes))
+        if readout == "joint":
+            self.pool = AttentionPool(width)
+            self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes))
+        else:
+            self.pool = ModalityPools(width, len(modalities), n_segments, n_heads)
+            self.classifier = nn.Sequential(nn.Linear(len(modalities) * width, width), nn.GELU(), nn.Dropout(dropout),
+                                            nn.Linear(width, num_classes))
         self._plant_massive_activations()
 
     # ------------------------------------------------------------------------------------------- tokens
@@ -195,7 +208,12 @@ class MultimodalFER(nn.Module):
         x, positions, labels, key_mask = self._tokens_and_mask(batch)
         maps = self.fusion.attention_maps(x, labels, positions, prefix="fusion.blocks", key_mask=key_mask)
         _, weights = self.pool(self.fusion(x, positions, key_mask), return_weights=True)
-        maps.append(AttentionMap("pool", weights, ["pool_query"], list(labels)))
+        if isinstance(self.pool, ModalityPools):
+            for index, (modality, modality_weights) in enumerate(zip(self.modalities, weights)):
+                keys = list(labels[index * self.n_segments:(index + 1) * self.n_segments])
+                maps.append(AttentionMap(f"pool.{modality}", modality_weights, ["pool_query"], keys))
+        else:
+            maps.append(AttentionMap("pool", weights, ["pool_query"], list(labels)))
         return maps
 
     # ------------------------------------------------------------------------------------ init and size
@@ -227,3 +245,21 @@ class MultimodalFER(nn.Module):
         breakdown["embeddings"] = sum(p.numel() for p in self.parameters(recurse=False))
         breakdown["total"] = count_parameters(self)
         return breakdown
+
+
+class ModalityPools(nn.Module):
+    """One `n_heads`-head attention pool per modality over its own `n_segments` fused tokens, concatenated:
+    (B, n_modalities * width)."""
+
+    def __init__(self, width: int, n_modalities: int, n_segments: int, n_heads: int):
+        super().__init__()
+        self.n_segments = n_segments
+        self.pools = nn.ModuleList(AttentionPool(width, n_heads) for _ in range(n_modalities))
+
+    def forward(self, tokens: torch.Tensor, return_weights: bool = False
+                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        chunks = tokens.split(self.n_segments, dim=1)
+        if not return_weights:
+            return torch.cat([pool(chunk) for pool, chunk in zip(self.pools, chunks)], dim=-1)
+        pooled = [pool(chunk, return_weights=True) for pool, chunk in zip(self.pools, chunks)]
+        return torch.cat([vector for vector, _ in pooled], dim=-1), [weights for _, weights in pooled]

@@ -273,6 +273,24 @@ def test_attention_maps_rows_sum_to_one_and_labels_match_tokens():
     assert maps[0].key_labels == [f"audio_{i}" for i in range(4)] + [f"visual_{i}" for i in range(4)]
 
 
+def test_modality_pools_readout_pools_each_modality_over_its_own_tokens():
+    model = small_model(readout="modality_pools")
+    model.eval()
+    tokens = torch.randn(2, 8, model.config["width"])
+    pooled = model.pool(tokens)
+    changed = tokens.clone()
+    changed[:, 4:] += 5.0  # the visual half only
+    pooled_changed = model.pool(changed)
+    width = model.config["width"]
+    assert pooled.shape == (2, 2 * width)
+    assert torch.equal(pooled[:, :width], pooled_changed[:, :width])
+    assert not torch.allclose(pooled[:, width:], pooled_changed[:, width:])
+    maps = model.attention_maps(make_batch())
+    assert [m.layer for m in maps][-2:] == ["pool.audio", "pool.visual"]
+    assert maps[-1].key_labels == [f"visual_{i}" for i in range(4)]
+    assert model(make_batch()).shape == (3, 8)
+
+
 def test_float16_autocast_forward_is_finite_on_cpu():
     model = small_model()
     model.init_weights("scaled_residual")
