@@ -76,7 +76,7 @@ N_KV_HEADS = 4  # grouped-query attention: key/value heads
 N_SEGMENTS = 8  # tokens per modality (time segments of the clip)
 READOUT = "joint"  # joint (one attention pool over all fused tokens, linear head) | modality_pools (Lite's concat head)
 LAYOUT = "lfm2"  # fusion blocks: "lfm2" (LFM2-350M's 16: the short convolution in 10, attention in 6) or a list
-# such as "conv,attn" (a shallower stack for the depth ablation)
+# such as "conv,attn" (a shallower stack for the depth ablation); "none": no blocks (the encoders read out directly)
 AUDIO_CHANNELS = (32, 64, 128, 256)  # audio CNN channels per VGG stage
 FRAME_BACKBONE = "resnet18"  # resnet18 or small
 PRETRAINED = False  # True: torchvision ImageNet weights for resnet18 (downloads on first use; Colab)

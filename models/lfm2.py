@@ -42,7 +42,12 @@ MASSIVE_DOWN_WEIGHT = 0.02
 
 
 def parse_layout(layout: str | Sequence[str]) -> list[str]:
-    """A layout as a list of block types; accepts a list or a comma-separated string ("conv,conv,attn")."""
+    """A layout as a list of block types; accepts a list or a comma-separated string ("conv,conv,attn").
+
+    "none" is the empty stack (only the final norm): the ablation of the fusion blocks themselves.
+    """
+    if layout == "none":
+        return []
     kinds = [k.strip() for k in layout.split(",")] if isinstance(layout, str) else list(layout)
     unknown = [k for k in kinds if k not in BLOCK_TYPES]
     if not kinds or unknown:

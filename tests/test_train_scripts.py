@@ -182,6 +182,8 @@ def test_full_model_layout_readout_and_encoder_init_constants(script):
     script.LAYOUT = "conv,bogus"
     with pytest.raises(ModelConfigError, match="layout must be"):
         build_model("full", script.model_config(35))
+    script.LAYOUT = "none"
+    assert len(build_model("full", script.model_config(35)).fusion.blocks) == 0
     script.LAYOUT, script.READOUT = "conv,attn", "modality_pools"
     assert isinstance(build_model("full", script.model_config(35)).pool, ModalityPools)
     assert script.recipe()["encoder_init"] == script.ENCODER_INIT
