@@ -75,6 +75,7 @@ class MultimodalFER(nn.Module):
         num_classes: int = 8,
         conv_per_modality: bool = True,
         readout: str = "joint",
+        drop_path: float = 0.0,
         # Legacy switches (issue 12): the stable value first; see models/lfm2.py for what each does.
         float32_residual: bool = True,
         float32_norms: bool = True,
@@ -104,7 +105,7 @@ class MultimodalFER(nn.Module):
             "dropout": dropout, "encoder_dropout": encoder_dropout, "feature_noise": feature_noise,
             "modality_dropout": modality_dropout,
             "gradient_checkpointing": gradient_checkpointing, "num_classes": num_classes,
-            "conv_per_modality": conv_per_modality, "readout": readout, "float32_residual": float32_residual,
+            "conv_per_modality": conv_per_modality, "readout": readout, "drop_path": drop_path, "float32_residual": float32_residual,
             "float32_norms": float32_norms, "float32_mlp_product": float32_mlp_product,
             "repeat_layer_calls": repeat_layer_calls, "causal_attention": causal_attention,
             "attention_mask_fill": attention_mask_fill, "massive_activations": massive_activations,
@@ -131,7 +132,7 @@ class MultimodalFER(nn.Module):
                                 conv_sequences=len(modalities) if conv_per_modality else 1,
                                 repeat_calls=repeat_layer_calls, causal_attention=causal_attention,
                                 mask_fill=attention_mask_fill, float32_norms=float32_norms,
-                                float32_mlp_product=float32_mlp_product)
+                                float32_mlp_product=float32_mlp_product, drop_path=drop_path)
         if readout == "joint":
             self.pool = AttentionPool(width)
             self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes))

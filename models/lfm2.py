@@ -312,6 +312,8 @@ class LFM2Stack(nn.Module):
     `key_mask` (B, L), True where a token may be attended, is only used by the legacy masked attention.
     `repeat_calls` applies every block that many times in a row (legacy: the original called each LFM2 layer two
     or three times per forward).
+    `drop_path` (stochastic depth): in training, block i of n is skipped for a sample with probability
+    drop_path * (i + 1) / n, and its change to the kept samples is scaled by 1 / (1 - that probability).
     """
 
     def __init__(self, width: int, layout: str | Sequence[str], n_heads: int = 8, n_kv_heads: int = 2,
@@ -319,11 +321,14 @@ class LFM2Stack(nn.Module):
                  qk_norm: bool = True, dropout: float = 0.0, rope_base: float = 10000.0,
                  gradient_checkpointing: bool = False, conv_sequences: int = 1, repeat_calls: int = 1,
                  causal_attention: bool = False, mask_fill: float | None = None, float32_norms: bool = True,
-                 float32_mlp_product: bool = True):
+                 float32_mlp_product: bool = True, drop_path: float = 0.0):
         super().__init__()
         if repeat_calls < 1:
             raise ValueError(f"repeat_calls must be at least 1, got {repeat_calls}")
+        if not 0.0 <= drop_path < 1.0:
+            raise ValueError(f"drop_path must be in [0, 1), got {drop_path}")
         self.layout = parse_layout(layout)
+        self.drop_path = drop_path
         self.gradient_checkpointing = gradient_checkpointing
         self.repeat_calls = repeat_calls
         hidden = mlp_hidden or 4 * width
@@ -351,10 +356,18 @@ class LFM2Stack(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None) -> torch.Tensor:
         rope = self._rope(x, positions)
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
+            before = x
             for _ in range(self.repeat_calls):
                 x = self._run_block(block, x, rope, key_mask)
+            if self.training and self.drop_path > 0:
+                x = before + self._keep_mask(x, index) * (x - before)
         return self.norm(x)
+
+    def _keep_mask(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """(B, 1, 1): 0 for the samples that skip block `index`, 1 / keep probability for the others."""
+        keep = 1.0 - self.drop_path * (index + 1) / len(self.blocks)
+        return torch.bernoulli(torch.full((x.shape[0], 1, 1), keep, device=x.device, dtype=x.dtype)) / keep
 
     @torch.no_grad()
     def attention_maps(self, x: torch.Tensor, labels: list[str], positions: torch.Tensor | None = None,

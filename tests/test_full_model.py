@@ -291,6 +291,21 @@ def test_modality_pools_readout_pools_each_modality_over_its_own_tokens():
     assert model(make_batch()).shape == (3, 8)
 
 
+def test_drop_path_skips_whole_blocks_per_sample_in_training_only():
+    torch.manual_seed(0)
+    stack = LFM2Stack(16, ["conv", "attn"], n_heads=2, n_kv_heads=1, drop_path=0.9)
+    x = torch.randn(64, 6, 16)
+    stack.train()
+    out = stack(x)
+    skipped_all = torch.isclose(out, stack.norm(x), atol=1e-6).flatten(1).all(1)
+    assert 0 < skipped_all.sum() < 64  # the last block is skipped with p=0.9, the first with 0.45: both, sometimes
+    stack.eval()
+    assert torch.equal(stack(x), stack(x))
+    assert not torch.isclose(stack(x), stack.norm(x), atol=1e-6).flatten(1).all(1).any()
+    with pytest.raises(ValueError, match="drop_path"):
+        LFM2Stack(16, ["conv"], n_heads=2, n_kv_heads=1, drop_path=1.0)
+
+
 def test_float16_autocast_forward_is_finite_on_cpu():
     model = small_model()
     model.init_weights("scaled_residual")
