@@ -5,8 +5,8 @@
     concatenated 2S tokens -> LFM2 stack -> attention pool -> classifier -> (B, 8) logits
 
 `readout` chooses the head: "joint" (one attention pool over all fused tokens, then a linear layer) or
-"modality_pools" (Lite's concat head: one `n_heads`-head attention pool per modality over its own fused tokens,
-concatenated, then a two-layer MLP).
+"modality_pools" (Lite's concat head, `models.fusion.Fusion("concat")`: one `n_heads`-head attention pool per
+modality over its own fused tokens, concatenated, then a two-layer MLP).
 
 Each token's rotary position is its time-segment index, so `audio_i` and `visual_i` (the same stretch of the clip)
 share a position and attention sees audio-visual time offsets directly. The short convolutions run over each
@@ -34,6 +34,7 @@ from torch import nn
 
 from models.encoders import (AttentionPool, AudioEncoder, FeatureEncoder, FrameEncoder, drop_one_modality,
                              encode_present)
+from models.fusion import Fusion
 from models.init import apply_init
 from models.layers import AttentionMap, count_parameters, modality_token_labels
 from models.lfm2 import LFM2Stack, plant_massive_activations
@@ -105,7 +106,8 @@ class MultimodalFER(nn.Module):
             "dropout": dropout, "encoder_dropout": encoder_dropout, "feature_noise": feature_noise,
             "modality_dropout": modality_dropout,
             "gradient_checkpointing": gradient_checkpointing, "num_classes": num_classes,
-            "conv_per_modality": conv_per_modality, "readout": readout, "drop_path": drop_path, "float32_residual": float32_residual,
+            "conv_per_modality": conv_per_modality, "readout": readout, "drop_path": drop_path,
+            "float32_residual": float32_residual,
             "float32_norms": float32_norms, "float32_mlp_product": float32_mlp_product,
             "repeat_layer_calls": repeat_layer_calls, "causal_attention": causal_attention,
             "attention_mask_fill": attention_mask_fill, "massive_activations": massive_activations,
@@ -137,8 +139,8 @@ class MultimodalFER(nn.Module):
             self.pool = AttentionPool(width)
             self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(width, num_classes))
         else:
-            self.pool = ModalityPools(width, len(modalities), n_segments, n_heads)
-            self.classifier = nn.Sequential(nn.Linear(len(modalities) * width, width), nn.GELU(), nn.Dropout(dropout),
+            self.pool = Fusion("concat", width, n_segments, n_segments, n_heads=n_heads, modalities=modalities)
+            self.classifier = nn.Sequential(nn.Linear(self.pool.out_dim, width), nn.GELU(), nn.Dropout(dropout),
                                             nn.Linear(width, num_classes))
         self._plant_massive_activations()
 
@@ -201,21 +203,25 @@ class MultimodalFER(nn.Module):
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, batch: dict) -> torch.Tensor:
         x, positions, _, key_mask = self._tokens_and_mask(batch)
-        return self.classifier(self.pool(self.fusion(x, positions, key_mask)))
+        fused = self.fusion(x, positions, key_mask)
+        pooled = self.pool(fused) if self.config["readout"] == "joint" else self.pool(*self._split(fused))
+        return self.classifier(pooled)
+
+    def _split(self, fused: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(audio, visual) fused tokens for Lite's concat head (None for a modality the model does not have)."""
+        chunks = dict(zip(self.modalities, fused.split(self.n_segments, dim=1)))
+        return chunks.get("audio"), chunks.get("visual")
 
     @torch.no_grad()
     def attention_maps(self, batch: dict) -> list[AttentionMap]:
         """Weights of every attention block of the fusion stack, then of the pooling query over the tokens."""
         x, positions, labels, key_mask = self._tokens_and_mask(batch)
         maps = self.fusion.attention_maps(x, labels, positions, prefix="fusion.blocks", key_mask=key_mask)
-        _, weights = self.pool(self.fusion(x, positions, key_mask), return_weights=True)
-        if isinstance(self.pool, ModalityPools):
-            for index, (modality, modality_weights) in enumerate(zip(self.modalities, weights)):
-                keys = list(labels[index * self.n_segments:(index + 1) * self.n_segments])
-                maps.append(AttentionMap(f"pool.{modality}", modality_weights, ["pool_query"], keys))
-        else:
-            maps.append(AttentionMap("pool", weights, ["pool_query"], list(labels)))
-        return maps
+        fused = self.fusion(x, positions, key_mask)
+        if self.config["readout"] == "joint":
+            _, weights = self.pool(fused, return_weights=True)
+            return maps + [AttentionMap("pool", weights, ["pool_query"], list(labels))]
+        return maps + self.pool.attention_maps(*self._split(fused))
 
     # ------------------------------------------------------------------------------------ init and size
     def init_weights(self, strategy: str = "scaled_residual", gain: float = 0.5,
@@ -246,21 +252,3 @@ class MultimodalFER(nn.Module):
         breakdown["embeddings"] = sum(p.numel() for p in self.parameters(recurse=False))
         breakdown["total"] = count_parameters(self)
         return breakdown
-
-
-class ModalityPools(nn.Module):
-    """One `n_heads`-head attention pool per modality over its own `n_segments` fused tokens, concatenated:
-    (B, n_modalities * width)."""
-
-    def __init__(self, width: int, n_modalities: int, n_segments: int, n_heads: int):
-        super().__init__()
-        self.n_segments = n_segments
-        self.pools = nn.ModuleList(AttentionPool(width, n_heads) for _ in range(n_modalities))
-
-    def forward(self, tokens: torch.Tensor, return_weights: bool = False
-                ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        chunks = tokens.split(self.n_segments, dim=1)
-        if not return_weights:
-            return torch.cat([pool(chunk) for pool, chunk in zip(self.pools, chunks)], dim=-1)
-        pooled = [pool(chunk, return_weights=True) for pool, chunk in zip(self.pools, chunks)]
-        return torch.cat([vector for vector, _ in pooled], dim=-1), [weights for _, weights in pooled]

@@ -277,10 +277,10 @@ def test_modality_pools_readout_pools_each_modality_over_its_own_tokens():
     model = small_model(readout="modality_pools")
     model.eval()
     tokens = torch.randn(2, 8, model.config["width"])
-    pooled = model.pool(tokens)
+    pooled = model.pool(tokens[:, :4], tokens[:, 4:])
     changed = tokens.clone()
     changed[:, 4:] += 5.0  # the visual half only
-    pooled_changed = model.pool(changed)
+    pooled_changed = model.pool(changed[:, :4], changed[:, 4:])
     width = model.config["width"]
     assert pooled.shape == (2, 2 * width)
     assert torch.equal(pooled[:, :width], pooled_changed[:, :width])

@@ -172,7 +172,7 @@ def test_progressive_scripts_run_both_stages(script, extra, synthetic_root, synt
 @pytest.mark.parametrize("script", ["train_full_model"], indirect=True)
 def test_full_model_layout_readout_and_encoder_init_constants(script):
     from models import ModelConfigError, build_model
-    from models.full import ModalityPools
+    from models.fusion import Fusion
 
     vars(script).update({"WIDTH": 32, "MLP_HIDDEN": 64, "N_HEADS": 2, "N_KV_HEADS": 1, "AUDIO_CHANNELS": (4, 8),
                          "FRAME_BACKBONE": "tiny", "VISUAL_INPUT": "features"})
@@ -185,7 +185,8 @@ def test_full_model_layout_readout_and_encoder_init_constants(script):
     script.LAYOUT = "none"
     assert len(build_model("full", script.model_config(35)).fusion.blocks) == 0
     script.LAYOUT, script.READOUT = "conv,attn", "modality_pools"
-    assert isinstance(build_model("full", script.model_config(35)).pool, ModalityPools)
+    head = build_model("full", script.model_config(35)).pool
+    assert isinstance(head, Fusion) and head.strategy == "concat"
     assert script.recipe()["encoder_init"] == script.ENCODER_INIT
     script.LEGACY = True
     assert script.recipe()["encoder_init"] == "default"  # the original run's PyTorch init, encoders included
