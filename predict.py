@@ -19,6 +19,12 @@ probabilities are averaged. --time_shifts=k also averages each window over 2k ci
     python predict.py interview.mp4 --checkpoint=checkpoints/train_lite_model/lite --output=preds.csv
     python predict.py --webcam --checkpoint=checkpoints/train_simple_working/simple   (live, face only)
     python predict.py talk.wav --checkpoint=runs/seed0,runs/seed1,runs/seed2 --time_shifts=2   (ensemble + TTA)
+Person calibration (data/calibration.py): a few unlabeled recordings of the same person set that person's baseline
+(mean and spread of each input), and every prediction compares the person with it:
+    python predict.py --calibrate=me/recordings/ --save_profile=me.npz today.wav    # build, save and use a profile
+    python predict.py --profile=me.npz tomorrow.mp4                                 # reuse it
+    python predict.py --calibrate=self interview.mp4      # a long recording calibrated on its own windows
+    python predict.py --webcam --webcam_calibration_seconds=10   # the first 10 s of camera frames: the baseline
 Colab:
     !python predict.py /content/drive/MyDrive/my_clips --checkpoint=/content/drive/MyDrive/ckpt_best.pt --output=preds.json
 """
@@ -28,7 +34,8 @@ import csv
 import json
 import sys
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -37,13 +44,14 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from data.calibration import Moments, PersonProfile, add_inputs, profile_from_inputs
 from data.dataset import shift_step_frames
 from data.preprocess import ClipError, Settings, face_crops, sample_frame_indices
 from data.ravdess import EMOTIONS, DataError
 from data.setup import cache_plan, run_data_settings
-from data.windows import MEDIA_EXTENSIONS, Windows, is_video, read_windows, to_batch
+from data.windows import MEDIA_EXTENSIONS, Windows, is_video, read_windows, to_batch, window_inputs
 from models import ModelConfigError
-from training.checkpoint import load_checkpoint, rebuild_model, resolve_checkpoint
+from training.checkpoint import load_checkpoint, rebuild_model, resolve_checkpoint, stored_calibration
 from training.config import ConfigError, run_script
 from training.runtime import resolve_device
 
@@ -58,6 +66,13 @@ PREPROCESS_FROM = ""  # a cache folder (or its manifest.json) whose settings to 
 WINDOW_HOP_SECONDS = 1.0  # seconds between sliding windows on files longer than the training window
 MAX_WINDOWS = 16  # windows per file at most; a longer file gets this many, spread evenly (frames kept: x N)
 
+# ---- person calibration (data/calibration.py)
+CALIBRATE = ""  # recordings of the person to calibrate on: files or folders, comma-separated (unlabeled, any
+# length); "self": each file is calibrated on its own windows (a long recording); "" = no calibration
+PROFILE = ""  # a person profile saved with SAVE_PROFILE (.npz), used instead of CALIBRATE
+SAVE_PROFILE = ""  # write the profile that CALIBRATE builds here (.npz), to reuse with --profile
+PERSON = ""  # the person's name kept in the profile; "" = the name of the first CALIBRATE file or folder
+
 # ---- output
 OUTPUT = ""  # "" = table only; "preds.json" or "preds.csv" also writes the predictions there
 TOP_K = 3  # classes listed per file
@@ -66,6 +81,7 @@ TOP_K = 3  # classes listed per file
 WEBCAM = False  # True (or a bare --webcam): predict from a camera instead of files, until Ctrl-C
 CAMERA = "0"  # OpenCV camera index ("0", "1"), or a stream URL or video file (played as if live)
 WEBCAM_EVERY_SECONDS = 1.0  # seconds of video between two live predictions
+WEBCAM_CALIBRATION_SECONDS = 0.0  # > 0: the first this many seconds of frames are the person's baseline profile
 
 
 @dataclass
@@ -80,6 +96,12 @@ class Predictor:
     device: torch.device
     checkpoint: Path  # the file it was loaded from (a run folder resolves to its best checkpoint); the first one
     shift_steps: list[int] = field(default_factory=lambda: [0])  # circular audio shifts averaged, in log-mel frames
+    # Each model's training population statistics ({kind: (mean, std)}; None in checkpoints made before person
+    # calibration existed) and its run's calibration settings (data.calibration; None: not calibrated)
+    populations: list[dict | None] = field(default_factory=list)
+    calibration: dict | None = None
+    profile: PersonProfile | None = None  # the person profile applied to every file (--calibrate, --profile)
+    trained_on: str = ""  # the training run's DATASET ("synthetic", "ravdess"; "" when the checkpoint does not say)
 
     @property
     def model(self) -> nn.Module:
@@ -117,16 +139,57 @@ class Predictor:
         shifts = f", averaged over {len(self.shift_steps)} audio time shifts" if len(self.shift_steps) > 1 else ""
         return f"{what} on {self.inputs}{shifts}"
 
+    @property
+    def calibrated_training(self) -> bool:
+        return bool(self.calibration) and self.calibration["mode"] == "person"
+
+    def use_profile(self, profile: PersonProfile) -> PersonProfile:
+        """`profile` as this model applies it: only its mean when the model was calibrated on neutral clips (as in
+        training); a ConfigError when a checkpoint keeps no population statistics to calibrate onto."""
+        if any(population is None for population in self.populations):
+            raise ConfigError(f"{self.checkpoint} was written before person calibration existed (it keeps no "
+                              "training population statistics): retrain it to use --calibrate or --profile")
+        for population in self.populations:
+            for kind, (mean, _) in profile.stats.items():
+                if kind in population and population[kind][0].shape != mean.shape:
+                    raise ConfigError(f"the profile of '{profile.person}' has {kind} statistics of shape {mean.shape}, "
+                                      f"this model's input has {population[kind][0].shape}: build it with this model")
+        if self.calibrated_training and self.calibration["source"] == "neutral":
+            profile = replace(profile, mean_only=True)
+        return profile
+
+    def describe_calibration(self, profile: PersonProfile | None) -> str:
+        trained = ("trained with person calibration" if self.calibrated_training else
+                   "trained without person calibration")
+        if profile is None and self.calibrated_training:
+            return (f"the model was {trained}: without --calibrate or --profile it uses its training population's "
+                    "statistics, as if the person were the average training actor")
+        if profile is None:
+            return f"no person calibration (the model was {trained})"
+        onto = "" if self.calibrated_training else ": the person's inputs are moved onto its training population's range"
+        return f"person profile '{profile.person}' ({profile.describe()}); the model was {trained}{onto}"
+
+    def batches(self, windows: Windows, profile: PersonProfile | None) -> list[dict]:
+        """Each model's input batch of the windows, calibrated onto that model's training population."""
+        feature_dim = self.model.config.get("feature_dim", 35)
+        batches = []
+        for population in self.populations or [None] * len(self.models):
+            calibrate = None
+            if profile is not None:
+                calibrate = partial(profile.calibrate, population=population)
+            batch = to_batch(windows, self.settings, self.visual_input, feature_dim, calibrate)
+            batches.append({k: v.to(self.device) for k, v in batch.items()})
+        return batches
+
     @torch.inference_mode()
-    def probabilities(self, windows: Windows) -> np.ndarray:
+    def probabilities(self, windows: Windows, profile: PersonProfile | None = None) -> np.ndarray:
         """Class probabilities of a file: the softmax of each window, averaged over the windows, the audio time
-        shifts and the models of an ensemble."""
-        batch = to_batch(windows, self.settings, self.visual_input, self.model.config.get("feature_dim", 35))
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        shifts and the models of an ensemble. `profile`: the person's (default: the predictor's own, if any)."""
+        batches = self.batches(windows, profile or self.profile)
         total = 0.0
         for shift in self.shift_steps if self.uses_audio else [0]:
-            shifted = {**batch, "audio": torch.roll(batch["audio"], shift, dims=-1)} if shift else batch
-            for model in self.models:
+            for model, batch in zip(self.models, batches):
+                shifted = {**batch, "audio": torch.roll(batch["audio"], shift, dims=-1)} if shift else batch
                 total = total + model(shifted).float().softmax(dim=-1).mean(dim=0)
         return (total / (len(self.models) * len(self.shift_steps if self.uses_audio else [0]))).cpu().numpy()
 
@@ -214,7 +277,11 @@ def load_predictor(checkpoint: str | Path, device: str = "auto", preprocess_from
     shifts = [i * step for i in range(-time_shifts, time_shifts + 1)] if step else [0]
     if time_shifts and not step:
         print(f"note: {paths[0]} was trained without a time shift; --time_shifts is ignored")
-    predictor = Predictor(models, states[0]["model_name"], settings, source, resolved, paths[0], shifts)
+    calibrations = [stored_calibration(state) for state in states]
+    populations = [entry[1] if entry else None for entry in calibrations]
+    predictor = Predictor(models, states[0]["model_name"], settings, source, resolved, paths[0], shifts,
+                          populations, calibrations[0][0] if calibrations[0] else None,
+                          trained_on=str(states[0].get("run_config", {}).get("DATASET", "")))
     if not predictor.uses_audio and not predictor.uses_frames:
         raise ConfigError(f"{paths[0]}: this model sees only per-clip visual features (visual_input='features', "
                           "e.g. OpenFace action units), which predict.py cannot compute from a video or sound file")
@@ -243,8 +310,39 @@ def collect_files(paths: list[str]) -> tuple[list[Path], list[Prediction]]:
     return files, problems
 
 
-def predict_file(path: Path, predictor: Predictor, hop: float, max_windows: int) -> Prediction:
-    """One file's prediction; a file that cannot be read or holds nothing the model uses gives a failed row."""
+def build_profile(paths: list[str], predictor: Predictor, person: str, hop: float, max_windows: int
+                  ) -> PersonProfile:
+    """A person profile from the windows of every readable file under `paths` (one person's recordings,
+    unlabeled), with the model's preprocessing; files that cannot be read are listed and skipped."""
+    files, problems = collect_files(paths)
+    moments, used = Moments(), []
+    for path in tqdm(files, desc="calibrating", unit="file", disable=len(files) < 2, leave=False):
+        try:
+            windows = read_windows(path, predictor.settings, audio=predictor.uses_audio,
+                                   frames=predictor.uses_frames, hop=hop, max_windows=max_windows)
+        except ClipError as err:
+            problems.append(Prediction(str(path), error=str(err)))
+            continue
+        add_inputs(moments, window_inputs(windows))
+        used.append(path)
+    for problem in problems:
+        print(f"calibration: skipped {problem.file}: {problem.error}")
+    if not used:
+        raise ConfigError(f"--calibrate={','.join(paths)}: no recording there could be read for calibration")
+    name = person or Path(paths[0]).expanduser().resolve().stem
+    return PersonProfile(name, len(used), moments.stats(), source=f"{len(used)} recording(s) under {', '.join(paths)}")
+
+
+def self_profile(windows: Windows) -> PersonProfile:
+    """--calibrate=self: a file's own windows as the person's baseline."""
+    return profile_from_inputs(windows.path.stem, [window_inputs(windows)], source=f"its own {windows.n_windows} "
+                               "window(s)")
+
+
+def predict_file(path: Path, predictor: Predictor, hop: float, max_windows: int, calibrate_self: bool = False
+                 ) -> Prediction:
+    """One file's prediction; a file that cannot be read or holds nothing the model uses gives a failed row.
+    `calibrate_self`: the file is calibrated on its own windows (--calibrate=self)."""
     notes = []
     if is_video(path) and "visual" in predictor.modalities and not predictor.uses_frames:
         notes.append("video frames not used: the model's visual input is per-clip features (audio only)")
@@ -259,7 +357,11 @@ def predict_file(path: Path, predictor: Predictor, hop: float, max_windows: int)
         apart = windows.starts[1] - windows.starts[0]
         notes.append(f"{windows.n_windows} windows of {predictor.settings.seconds:g} s, {apart:.2f} s apart, over "
                      f"{windows.duration:.2f} s")
-    return Prediction(str(path), predictor.probabilities(windows).tolist(), windows.n_windows, inputs,
+    profile = None
+    if calibrate_self:
+        profile = predictor.use_profile(self_profile(windows))
+        notes.append(f"calibrated on its own {windows.n_windows} window(s)")
+    return Prediction(str(path), predictor.probabilities(windows, profile).tolist(), windows.n_windows, inputs,
                       notes + windows.notes)
 
 
@@ -322,9 +424,11 @@ def open_camera(camera: int | str) -> cv2.VideoCapture:
     return cap
 
 
-def run_webcam(predictor: Predictor, camera: int | str, every: float, k: int) -> None:
+def run_webcam(predictor: Predictor, camera: int | str, every: float, k: int, calibration_seconds: float = 0.0
+               ) -> None:
     """Print the running prediction of the last training window of camera frames until Ctrl-C or the stream
-    ends."""
+    ends. `calibration_seconds` > 0: the windows of the first that many seconds build the person's profile (their
+    face crops' statistics) instead of being predicted; predictions start after it."""
     if not predictor.uses_frames:
         raise ConfigError("--webcam needs a model that sees face frames (no sound is recorded); this one sees "
                           f"{predictor.inputs}")
@@ -334,8 +438,11 @@ def run_webcam(predictor: Predictor, camera: int | str, every: float, k: int) ->
     recent: deque = deque(maxlen=max(settings.n_frames, round(settings.seconds * fps)))
     # Counted in frames, not wall time: a video file played "live" then gives the same predictions as a camera.
     step, seen = max(1, round(every * fps)), 0
+    baseline, calibrating = Moments(), calibration_seconds > 0
     print(f"camera {camera} at {fps:.0f} fps, a prediction every {every:g} s from the last {settings.seconds:g} s "
           "of frames (no sound); Ctrl-C stops")
+    if calibrating:
+        print(f"calibrating on the first {calibration_seconds:g} s: look at the camera as you usually do ...")
     try:
         while True:
             ok, frame = cap.read()
@@ -349,6 +456,15 @@ def run_webcam(predictor: Predictor, camera: int | str, every: float, k: int) ->
             picks = sample_frame_indices(len(recent), fps, settings.n_frames, settings.seconds)
             crops, face = face_crops([recent[i] for i in picks], settings)
             windows = Windows(Path(f"camera {camera}"), settings.seconds, [None], None, crops[None], int(face))
+            if calibrating:
+                add_inputs(baseline, window_inputs(windows))
+                if seen / fps >= calibration_seconds:
+                    calibrating = False
+                    predictor.profile = predictor.use_profile(
+                        PersonProfile(f"camera {camera}", 1, baseline.stats(),
+                                      source=f"the first {seen / fps:.1f} s of the camera"))
+                    print(f"calibration: {predictor.describe_calibration(predictor.profile)}")
+                continue
             top = Prediction("camera", predictor.probabilities(windows).tolist()).top(k)
             line = ", ".join(f"{e} {p:.2f}" for e, p in top) + ("" if face else "  (no face found)")
             print(f"\r{line:<70}", end="", flush=True)
@@ -359,6 +475,22 @@ def run_webcam(predictor: Predictor, camera: int | str, every: float, k: int) ->
 
 
 # ----------------------------------------------------------------------------------------------------- main
+
+def check_calibration_flags() -> None:
+    """The person calibration flags make sense together (before any slow work)."""
+    if CALIBRATE and PROFILE:
+        raise ConfigError("give --calibrate (build a profile) or --profile (a saved one), not both")
+    if SAVE_PROFILE and (not CALIBRATE or CALIBRATE == "self"):
+        raise ConfigError("--save_profile needs --calibrate=PATH (the recordings the profile is built from)")
+    if SAVE_PROFILE and not SAVE_PROFILE.endswith(".npz"):
+        raise ConfigError(f"--save_profile={SAVE_PROFILE}: a profile is saved as a .npz file")
+    if WEBCAM and CALIBRATE == "self":
+        raise ConfigError("--calibrate=self is for files; with --webcam use --webcam_calibration_seconds=N")
+    if WEBCAM_CALIBRATION_SECONDS < 0 or (WEBCAM_CALIBRATION_SECONDS and not WEBCAM):
+        raise ConfigError("--webcam_calibration_seconds takes seconds >= 0, with --webcam")
+    if WEBCAM_CALIBRATION_SECONDS and (CALIBRATE or PROFILE):
+        raise ConfigError("give --webcam_calibration_seconds or a profile (--calibrate, --profile), not both")
+
 
 def main(paths: list[str]) -> int:
     """Predict every file under `paths` (or the camera with WEBCAM); returns the exit status."""
@@ -373,23 +505,38 @@ def main(paths: list[str]) -> int:
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     if TIME_SHIFTS < 0:
         raise ConfigError(f"--time_shifts must be >= 0, got {TIME_SHIFTS}")
+    check_calibration_flags()
     predictor = load_predictor(CHECKPOINT, DEVICE, PREPROCESS_FROM, TIME_SHIFTS)
     print(f"{predictor.describe()} from {predictor.checkpoint}")
+    if predictor.trained_on == "synthetic":
+        print("note: this checkpoint was trained on the synthetic quick-start set (coloured shapes and tones): it "
+              "checks that the pipeline runs, its predictions on real recordings mean nothing (README: Getting RAVDESS)")
     s = predictor.settings
     print(f"preprocessing from {predictor.settings_source}: {s.seconds:g} s windows, {s.n_frames} frames of "
           f"{s.size}x{s.size}, {s.n_mels} mel bands at {s.sample_rate} Hz")
+    calibrate_self = CALIBRATE == "self"
+    if PROFILE or (CALIBRATE and not calibrate_self):
+        profile = (PersonProfile.load(PROFILE) if PROFILE else
+                   build_profile(CALIBRATE.split(","), predictor, PERSON, WINDOW_HOP_SECONDS, MAX_WINDOWS))
+        predictor.profile = predictor.use_profile(profile)
+        if SAVE_PROFILE:
+            print(f"saved the person profile to {profile.save(SAVE_PROFILE)} (reuse it with --profile)")
+    calibration = ("each file calibrated on its own windows (--calibrate=self)" if calibrate_self else
+                   predictor.describe_calibration(predictor.profile))
+    if not (WEBCAM and WEBCAM_CALIBRATION_SECONDS):
+        print(f"calibration: {calibration}")
     if WEBCAM:
-        run_webcam(predictor, CAMERA, WEBCAM_EVERY_SECONDS, TOP_K)
+        run_webcam(predictor, CAMERA, WEBCAM_EVERY_SECONDS, TOP_K, WEBCAM_CALIBRATION_SECONDS)
         return 0
     files, predictions = collect_files(paths)
     for path in tqdm(files, desc="predicting", unit="file", disable=len(files) < 2, leave=False):
-        predictions.append(predict_file(path, predictor, WINDOW_HOP_SECONDS, MAX_WINDOWS))
+        predictions.append(predict_file(path, predictor, WINDOW_HOP_SECONDS, MAX_WINDOWS, calibrate_self))
     print(format_table(predictions, TOP_K))
     n_ok = sum(p.error is None for p in predictions)
     print(f"{n_ok} of {len(predictions)} predicted")
     if output is not None:
         write_output(predictions, output, TOP_K, {"checkpoint": str(predictor.checkpoint), "model": predictor.model_name,
-                                                  "preprocessing": s.to_json()})
+                                                  "preprocessing": s.to_json(), "calibration": calibration})
         print(f"wrote {output}")
     return 0 if n_ok else 1
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from data.calibration import CalibrationSettings, PersonProfile, moments_of, person_profiles
 from data.preprocess import Settings
 from data.ravdess import DataError, Split, check_actor_disjoint, parse_name
 
@@ -131,6 +132,10 @@ class RavdessDataset(Dataset):
         self.spec_augment = AudioAugment() if spec_augment is True else (spec_augment or None)
         self.frame_augment = frame_augment
         self.feature_stats = feature_stats
+        # Person calibration (data.calibration): each person's profile, and the training population's statistics
+        # that calibrated inputs are mapped onto (set by build_datasets; empty = uncalibrated).
+        self.profiles: dict[int, PersonProfile] = {}
+        self.population: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         settings = Settings().to_json()
         entries: list[dict] = []
         if cache_dir is not None:
@@ -168,11 +173,15 @@ class RavdessDataset(Dataset):
         return [r.label for r in self.records]
 
     def present_features(self) -> np.ndarray:
-        """(n, D) feature rows of the clips in this dataset that have them (for standardisation statistics)."""
-        rows = [r.feature_row for r in self.records if r.feature_row is not None]
-        return self._matrix[rows] if rows else np.zeros((0, self.feature_dim), np.float32)
+        """(n, D) feature rows (calibrated when the dataset is) of the clips that have them, for the
+        standardisation statistics."""
+        rows = [self._calibrated(r.actor, "features", self._matrix[r.feature_row])
+                for r in self.records if r.feature_row is not None]
+        return np.stack(rows) if rows else np.zeros((0, self.feature_dim), np.float32)
 
-    def __getitem__(self, i: int) -> dict:
+    def raw_inputs(self, i: int) -> dict[str, np.ndarray]:
+        """Clip `i`'s inputs as stored, for the modalities it has: `logmel` (n_mels, T), `frames` uint8
+        (N, S, S, 3), `features` (D,) unstandardised."""
         rec = self.records[i]
         arrays: dict[str, np.ndarray] = {}
         if rec.has_audio or rec.has_frames:
@@ -181,34 +190,49 @@ class RavdessDataset(Dataset):
                     arrays["logmel"] = z["logmel"]
                 if rec.has_frames:
                     arrays["frames"] = z["frames"]
-        audio = torch.from_numpy(arrays["logmel"]).unsqueeze(0) if rec.has_audio else torch.zeros(self.audio_shape)
+        if rec.feature_row is not None:
+            arrays["features"] = self._matrix[rec.feature_row]
+        return arrays
+
+    def _calibrated(self, actor: int, kind: str, x: np.ndarray) -> np.ndarray:
+        profile = self.profiles.get(actor)
+        return x if profile is None else profile.calibrate(kind, x, self.population)
+
+    def __getitem__(self, i: int) -> dict:
+        rec = self.records[i]
+        arrays = self.raw_inputs(i)
+        if rec.has_audio:
+            audio = torch.from_numpy(self._calibrated(rec.actor, "logmel", arrays["logmel"])).unsqueeze(0)
+        else:
+            audio = torch.zeros(self.audio_shape)
         if rec.has_audio and self.spec_augment:
             audio = spec_augment(audio, self.spec_augment, self.audio_steps_per_second)
         sample = {"audio": audio, "has_audio": torch.tensor(rec.has_audio),
                   "label": torch.tensor(rec.label, dtype=torch.int64),
                   "actor": torch.tensor(rec.actor, dtype=torch.int64), "clip_id": rec.clip_id}
         if self.visual == "frames":
-            sample["frames"] = self._frames(arrays.get("frames"))
+            sample["frames"] = self._frames(rec.actor, arrays.get("frames"))
             sample["has_visual"] = torch.tensor(rec.has_frames)
         elif self.visual == "features":
-            sample["features"] = self._features(rec.feature_row)
+            sample["features"] = self._features(rec.actor, arrays.get("features"))
             sample["has_visual"] = torch.tensor(rec.feature_row is not None)
         else:
             sample["has_visual"] = torch.tensor(False)
         return sample
 
-    def _frames(self, frames: np.ndarray | None) -> torch.Tensor:
+    def _frames(self, actor: int, frames: np.ndarray | None) -> torch.Tensor:
         if frames is None:
             return torch.zeros(self.n_frames, 3, self.size, self.size)
-        x = torch.from_numpy(frames).permute(0, 3, 1, 2).float().div_(255)
+        pixels = self._calibrated(actor, "frames", frames.astype(np.float32) / 255.0)
+        x = torch.from_numpy(pixels).permute(0, 3, 1, 2)
         if self.frame_augment:
             x = augment_frames(x)
         return (x - IMAGENET_MEAN) / IMAGENET_STD
 
-    def _features(self, row: int | None) -> torch.Tensor:
-        if row is None:
+    def _features(self, actor: int, x: np.ndarray | None) -> torch.Tensor:
+        if x is None:
             return torch.zeros(self.feature_dim)
-        x = self._matrix[row]
+        x = self._calibrated(actor, "features", x)
         if self.feature_stats is not None:
             mean, std = self.feature_stats
             x = (x - mean) / std
@@ -269,11 +293,16 @@ def augment_frames(frames: torch.Tensor) -> torch.Tensor:
 def build_datasets(cache_dir: str | os.PathLike | None, split: Split, *,
                    features_file: str | os.PathLike | None = None, modalities: Sequence[str] = MODALITIES,
                    visual: str | None = "frames", spec_augment: bool | AudioAugment | None = False,
-                   frame_augment: bool = False, standardize_features: bool = True
+                   frame_augment: bool = False, standardize_features: bool = True,
+                   calibration: CalibrationSettings | None = None
                    ) -> tuple[RavdessDataset, RavdessDataset, RavdessDataset]:
     """Train/val/test datasets of an actor split; augmentation only on train.
 
     Features are standardised with the mean and std of the training clips only (no test statistics leak in).
+    `calibration` (data.calibration) with mode 'person' calibrates every clip by its own person's clips of the same
+    part (a test person by test clips, unlabeled; never by another person's), onto the training population's
+    statistics (`train.population`, kept in checkpoints); with source 'neutral' the calibration clips of the
+    validation and test persons are not scored.
     Raises DataError when train or test (or a requested val) has no clips, e.g. actors missing from the data, and
     checks that no actor's samples are in two parts.
     """
@@ -287,6 +316,11 @@ def build_datasets(cache_dir: str | os.PathLike | None, split: Split, *,
             raise DataError(f"no clips for the {part} actors {list(getattr(split, part))}; "
                             f"the data has actors {available}")
     check_actor_disjoint({"train": train.actors, "val": val.actors, "test": test.actors})
+    population = moments_of(train, range(len(train))).stats()
+    for part in (train, val, test):
+        part.population = population
+    if calibration is not None and calibration.on:
+        calibrate_persons(train, val, test, calibration)
     if visual == "features" and standardize_features:
         rows = train.present_features()
         if len(rows):
@@ -294,6 +328,17 @@ def build_datasets(cache_dir: str | os.PathLike | None, split: Split, *,
             for ds in (train, val, test):
                 ds.feature_stats = stats
     return train, val, test
+
+
+def calibrate_persons(train: RavdessDataset, val: RavdessDataset, test: RavdessDataset,
+                      calibration: CalibrationSettings) -> None:
+    """Give each part its persons' profiles (data.calibration), calibrating onto the training population; drop the
+    neutral calibration clips of validation and test persons from scoring."""
+    for part in (train, val, test):
+        profiles, used = person_profiles(part, calibration)
+        part.profiles = profiles
+        if calibration.source == "neutral" and part is not train:
+            part.records = [r for i, r in enumerate(part.records) if i not in used]
 
 
 def make_loaders(train: RavdessDataset, val: RavdessDataset, test: RavdessDataset, batch_size: int,

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader, DistributedSampler
 
+from data.calibration import CalibrationSettings
 from data.dataset import AudioAugment, build_datasets, load_manifest, make_loaders, shift_step_frames
 from data.preprocess import prepare_cache
 from data.ravdess import EMOTIONS, DataError, Split, kfold_split, split_actors
@@ -52,6 +53,14 @@ class DataSettings:
     seed: int = 0
     output_dir: str = "checkpoints"
     prepare_workers: int = 0  # processes that preprocess the data into the cache on first use; 0 = one per CPU
+    calibration: str = "none"  # person calibration (data.calibration): none | person
+    calibration_clips: int = 0  # 0 = all of a person's clips, K = K clips drawn with `seed`
+    calibration_source: str = "any"  # any | neutral
+
+    @property
+    def calibration_settings(self) -> CalibrationSettings:
+        return CalibrationSettings(mode=self.calibration, clips=self.calibration_clips,
+                                   source=self.calibration_source, seed=self.seed)
 
 
 @dataclass
@@ -61,7 +70,14 @@ class Loaders:
     test: DataLoader
     feature_dim: int  # width of the per-clip visual features (0 without a feature file)
     class_names: list[str]
+    calibration_settings: CalibrationSettings
     seed: int = 0
+
+    @property
+    def calibration(self) -> tuple[CalibrationSettings, dict[str, tuple[np.ndarray, np.ndarray]]]:
+        """The run's calibration settings and the training population's input statistics {kind: (mean, std)},
+        onto which calibrated inputs are mapped; checkpoints keep both for predict.py (data.calibration)."""
+        return self.calibration_settings, self.train.dataset.population
 
     @property
     def feature_stats(self) -> tuple[np.ndarray, np.ndarray] | None:
@@ -99,6 +115,7 @@ def _check(settings: DataSettings) -> None:
         raise DataError(f"VISUAL_INPUT must be 'frames' or 'features', got '{settings.visual_input}'")
     if settings.visual_input == "features" and "visual" in settings.modalities and not settings.feature_file:
         raise DataError("VISUAL_INPUT='features' needs FEATURE_FILE (an .npz of per-clip features)")
+    settings.calibration_settings  # validates CALIBRATION, CALIBRATION_CLIPS and CALIBRATION_SOURCE
 
 
 def cache_plan(settings: DataSettings) -> tuple[Path, Path, int, int]:
@@ -206,7 +223,9 @@ def build_loaders(cache: Path, split: Split, settings: DataSettings) -> Loaders:
     visual = settings.visual_input if "visual" in settings.modalities else None
     train, val, test = build_datasets(cache, split, features_file=settings.feature_file or None,
                                       modalities=settings.modalities, visual=visual,
-                                      spec_augment=audio_augment(settings), frame_augment=settings.frame_augment)
+                                      spec_augment=audio_augment(settings), frame_augment=settings.frame_augment,
+                                      calibration=settings.calibration_settings)
     train_loader, val_loader, test_loader = make_loaders(train, val, test, settings.batch_size, settings.num_workers,
                                                          settings.seed, distributed.rank(), distributed.world_size())
-    return Loaders(train_loader, val_loader, test_loader, train.feature_dim, list(EMOTIONS), settings.seed)
+    return Loaders(train_loader, val_loader, test_loader, train.feature_dim, list(EMOTIONS),
+                   settings.calibration_settings, settings.seed)

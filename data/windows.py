@@ -13,6 +13,7 @@ file (predict.py averages their probabilities). Frames and sound of a window cov
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -131,13 +132,16 @@ def read_windows(path: Path, settings: Settings, *, audio: bool, frames: bool, h
     return Windows(path, duration, starts, mels, crops, faces, notes)
 
 
-def to_batch(windows: Windows, settings: Settings, visual_input: str = "frames", feature_dim: int = 35) -> dict:
+def to_batch(windows: Windows, settings: Settings, visual_input: str = "frames", feature_dim: int = 35,
+             calibrate: Callable[[str, np.ndarray], np.ndarray] | None = None) -> dict:
     """The batch dict of docs/internals.md for the windows of one file. An absent modality is a zero placeholder
     with `has_*` false (models substitute their learned token); per-clip visual features cannot be computed from a
-    file, so with `visual_input="features"` the visual input is always absent."""
+    file, so with `visual_input="features"` the visual input is always absent. `calibrate(kind, x)`: a person
+    calibration of the log-mels and of the frames as pixels in [0, 1] (data.calibration.PersonProfile.calibrate)."""
     w = windows.n_windows
     if windows.logmel is not None:
-        audio = torch.from_numpy(windows.logmel).unsqueeze(1)
+        logmel = calibrate("logmel", windows.logmel) if calibrate else windows.logmel
+        audio = torch.from_numpy(logmel).unsqueeze(1)
     else:
         audio = torch.zeros(w, 1, settings.n_mels, round(settings.seconds * settings.sample_rate) // settings.hop + 1)
     batch = {"audio": audio, "has_audio": torch.full((w,), windows.logmel is not None)}
@@ -145,10 +149,17 @@ def to_batch(windows: Windows, settings: Settings, visual_input: str = "frames",
         batch["features"] = torch.zeros(w, feature_dim)
         batch["has_visual"] = torch.zeros(w, dtype=torch.bool)
     elif windows.frames is not None:
-        x = torch.from_numpy(windows.frames).permute(0, 1, 4, 2, 3).float().div_(255)
+        pixels = windows.frames.astype(np.float32) / 255.0
+        pixels = calibrate("frames", pixels) if calibrate else pixels
+        x = torch.from_numpy(pixels).permute(0, 1, 4, 2, 3)
         batch["frames"] = (x - IMAGENET_MEAN) / IMAGENET_STD
         batch["has_visual"] = torch.ones(w, dtype=torch.bool)
     else:
         batch["frames"] = torch.zeros(w, settings.n_frames, 3, settings.size, settings.size)
         batch["has_visual"] = torch.zeros(w, dtype=torch.bool)
     return batch
+
+
+def window_inputs(windows: Windows) -> dict[str, np.ndarray]:
+    """The raw inputs of a file's windows, for a person profile (data.calibration.add_inputs)."""
+    return {kind: x for kind, x in (("logmel", windows.logmel), ("frames", windows.frames)) if x is not None}

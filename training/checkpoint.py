@@ -66,7 +66,34 @@ def stored_feature_stats(state: dict) -> tuple[np.ndarray, np.ndarray] | None:
     return entry["mean"].numpy(), entry["std"].numpy()
 
 
+def calibration_entry(calibration: tuple | None) -> dict | None:
+    """The person calibration of a run (`Loaders.calibration`: its CalibrationSettings and the training
+    population's statistics {kind: (mean, std)}) as a checkpoint entry of plain types and tensors."""
+    if calibration is None:
+        return None
+    settings, population = calibration
+    return {"settings": settings.to_json(),
+            "population": {kind: {"mean": torch.as_tensor(np.asarray(mean), dtype=torch.float32),
+                                  "std": torch.as_tensor(np.asarray(std), dtype=torch.float32)}
+                           for kind, (mean, std) in population.items()}}
+
+
+def stored_calibration(state: dict) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray]]] | None:
+    """(calibration settings as a dict, population statistics {kind: (mean, std)}) of a checkpoint; None for a
+    checkpoint written before calibration existed."""
+    entry = state.get("calibration")
+    if not entry:
+        return None
+    return entry["settings"], {kind: (v["mean"].numpy(), v["std"].numpy()) for kind, v in entry["population"].items()}
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
+    """Write a checkpoint atomically: the counterpart of `load_checkpoint`, which refuses a file without
+    model_name and model; a state that lacks them is refused here, when it is written, not when a resume reads it.
+    (`atomic_torch_save` writes any object: crash dumps add their batch to such a state.)"""
+    missing = [key for key in ("model_name", "model", "model_config") if key not in state]
+    if missing:
+        raise ValueError(f"not a checkpoint state (no {', '.join(missing)}): build it with make_state")
     atomic_torch_save(state, path)
 
 

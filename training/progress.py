@@ -16,8 +16,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from training.checkpoint import (feature_stats_entry, load_checkpoint, load_model_weights, make_state,
-                                 save_checkpoint)
+from training.checkpoint import (calibration_entry, feature_stats_entry, load_checkpoint, load_model_weights,
+                                 make_state, save_checkpoint)
 from training.config import ConfigError, to_jsonable
 from training.metrics import summarize_folds
 from training.runs import RunFolder
@@ -124,11 +124,13 @@ def end_epoch(run: RunFolder, progress: Progress, model: nn.Module, model_name: 
               optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, val_metrics: dict | None,
               train_stats: dict, lr: float, config: dict, *, select: str = "best_val",
               select_metric: str = "accuracy", ema: WeightEMA | None = None,
-              feature_stats: tuple | None = None) -> bool:
+              feature_stats: tuple | None = None, calibration: tuple | None = None) -> bool:
     """Record an epoch: log line, history, last checkpoint, and ckpt_best.pt = the weights `select` picks (the
     EMA weights, the last epoch's, or the best validation epoch's). Returns True if ckpt_best.pt was updated.
 
     `val_metrics` is None without validation actors (a fixed budget); then no early stopping can happen.
+    `feature_stats` and `calibration` (`Loaders.feature_stats`, `Loaders.calibration`): the input normalisation of
+    training, kept in both checkpoints so that predict.py applies the same.
     """
     # Every process's random streams, for an exact resume of each. First: rank 0 waits here, before it logs the
     # epoch, for a process that died in this epoch (the log would otherwise get a line the checkpoint lacks).
@@ -151,6 +153,7 @@ def end_epoch(run: RunFolder, progress: Progress, model: nn.Module, model_name: 
     if is_main():
         stats = feature_stats_entry(feature_stats)
         extra = {"ema": ema.state_dict()} if ema is not None else {}
+        extra["calibration"] = calibration_entry(calibration)
         if len(rank_rngs) > 1:
             extra["rank_rngs"] = rank_rngs
         state = make_state(model, model_name, optimizer, scaler, progress=asdict(progress), run_config=config,
@@ -159,7 +162,8 @@ def end_epoch(run: RunFolder, progress: Progress, model: nn.Module, model_name: 
         if improved:
             selected = selected_model(model, ema, select)
             save_checkpoint(run.best, make_state(selected, model_name, progress=asdict(progress), run_config=config,
-                                                 feature_stats=stats, selection=select))
+                                                 feature_stats=stats, selection=select,
+                                                 calibration=extra["calibration"]))
     run.plot_history(progress.history)
     return improved
 
@@ -271,7 +275,8 @@ def _select_from_last(run: RunFolder, model: nn.Module, last: dict, select: str)
     model.load_state_dict(_weights_in_last(last, select))
     run_config = {**last.get("run_config", {}), "SELECT_CHECKPOINT": select}
     state = make_state(model, last["model_name"], progress=last["progress"], run_config=run_config,
-                       feature_stats=last.get("feature_stats"), selection=select)
+                       feature_stats=last.get("feature_stats"), calibration=last.get("calibration"),
+                       selection=select)
     save_checkpoint(run.best, state)
     return state
 
