@@ -16,6 +16,10 @@
 # `python benchmarks/fit_gap.py` scores each row's tested weights on its own training actors (underfit or overfit).
 # Interrupted folds resume from their last finished epoch when the script is run again; finished ones are skipped.
 #
+# The *_cal* rows are person-calibrated (data/calibration.py): every actor's inputs standardised by statistics of
+# that actor's own clips (unlabeled): all of them (cal), 16/8/4/30 drawn per actor (cal16, ...), or the 4 neutral
+# clips only (calneutral; those clips of a test actor are then not scored).
+#
 # LITE, SIMPLE and FULL are the single definition of the benchmark configurations: an independent evaluation
 # reruns a row on other actors by adding --actors=... --test_actors=... --val_actors=... to them.
 set -euo pipefail
@@ -34,6 +38,7 @@ FULL="train_full_model.py --preset=cpu"
 # and the EMA became its defaults), kept as rows so that the two recipes compare on the same folds
 HANDSET="--encoder_dropout=0.2 --dropout=0.2 --modality_dropout=0.2 --weight_decay=0.01 --stage1_lr=0.002 \
 --stage1_epochs=20 --select_checkpoint=last"
+CAL="--calibration=person"
 ROWS=(  # name|script and arguments: one row of the results table each
   "lite_audio|$LITE --modalities=audio --fusion=concat"
   "lite_au|$LITE --modalities=visual --fusion=concat"
@@ -45,9 +50,22 @@ ROWS=(  # name|script and arguments: one row of the results table each
   "simple_audio|$SIMPLE --modalities=audio"
   "simple_audio_au|$SIMPLE"
   "full_audio_au|$FULL"
+  "simple_audio_au_cal|$SIMPLE $CAL"
+  "lite_audio_cal|$LITE --modalities=audio --fusion=concat $CAL"
+  "lite_audio_cal16|$LITE --modalities=audio --fusion=concat $CAL --calibration_clips=16"
+  "lite_au_cal|$LITE --modalities=visual --fusion=concat $CAL"
+  "lite_concat_cal|$LITE --fusion=concat $CAL"
+  "lite_concat_cal30|$LITE --fusion=concat $CAL --calibration_clips=30"
+  "lite_concat_cal16|$LITE --fusion=concat $CAL --calibration_clips=16"
+  "lite_concat_cal8|$LITE --fusion=concat $CAL --calibration_clips=8"
+  "lite_concat_cal4|$LITE --fusion=concat $CAL --calibration_clips=4"
+  "lite_concat_calneutral|$LITE --fusion=concat $CAL --calibration_source=neutral"
+  "lite_cross_attention_cal|$LITE --fusion=cross_attention $CAL"
+  "lite_transformer_cal|$LITE --fusion=transformer $CAL"
+  "full_audio_au_cal|$FULL $CAL"
 )
 for row in "${ROWS[@]}"; do  # every Lite row again as <name>_handset, with the previous constants
-  if [[ "$row" == lite_* ]]; then ROWS+=("${row%%|*}_handset|${row#*|} $HANDSET"); fi
+  if [[ "$row" == lite_* && "$row" != *_cal* ]]; then ROWS+=("${row%%|*}_handset|${row#*|} $HANDSET"); fi
 done
 SELECTED=()
 for row in "${ROWS[@]}"; do
