@@ -26,13 +26,15 @@ import torch
 from torch.utils.data import default_collate
 
 import models
+from data.calibration import CalibrationSettings, PersonProfile, person_profiles
 from data.dataset import IMAGENET_MEAN, IMAGENET_STD, RavdessDataset, load_manifest
 from data.preprocess import ClipError, Settings
 from data.ravdess import DataError
 from data.setup import cache_plan, run_data_settings
 from data.windows import read_windows, to_batch
 from models.layers import AttentionMap
-from training.checkpoint import load_checkpoint, rebuild_model, resolve_checkpoint, stored_feature_stats
+from training.checkpoint import (load_checkpoint, rebuild_model, resolve_checkpoint, stored_calibration,
+                                 stored_feature_stats)
 from training.config import ConfigError, config_keys, run_script
 from training.runs import RunFolder
 from training.runtime import resolve_device
@@ -46,6 +48,7 @@ CLIP_ID = ""  # take key in the cache, e.g. 01-05-02-01-02-12; "" = the cache's 
 FEATURE_FILE = ""  # per-clip feature .npz for a model whose visual input is features; "" = its run's
 VIDEO_FILE = ""  # a video file (face frames, and its sound unless AUDIO_FILE is given); overrides the cache
 AUDIO_FILE = ""  # a sound file (wav, flac, mp3); overrides the cache
+PROFILE = ""  # a person profile (.npz from predict.py --save_profile) calibrating VIDEO_FILE / AUDIO_FILE; "" = none
 # --- output ---
 RUN_NAME = "default"  # checkpoints/visualize_attention/<RUN_NAME>/
 OUTPUT_DIR = "checkpoints"
@@ -74,8 +77,10 @@ def training_inputs(state: dict) -> tuple[Path | None, str]:
 
 def check_has_attention(model: torch.nn.Module, name: str) -> None:
     if not hasattr(model, "attention_maps"):
-        raise ConfigError(f"the '{name}' model has no attention layers (late fusion by concatenation): "
-                          "nothing to visualise")
+        raise ConfigError(f"the '{name}' model has no attention layers (late fusion by concatenation): nothing to "
+                          "visualise; a model that has them: python train_lite_model.py --width=64 "
+                          "--frame_backbone=small --fusion_layers=1 --fusion=cross_attention, then python "
+                          "visualize_attention.py --checkpoint=checkpoints/train_lite_model/lite")
 
 
 def attention_layers(model: torch.nn.Module, name: str, batch: dict) -> list[AttentionMap]:
@@ -104,6 +109,11 @@ def clip_from_cache(model: torch.nn.Module, state: dict, cache: Path | None, fea
               "features go in unstandardised, unlike in training", file=sys.stderr)
     dataset = RavdessDataset(cache, visual=visual, modalities=modalities, features_file=feature_file or None,
                              feature_stats=stats)
+    calibration = stored_calibration(state)
+    if calibration and calibration[0]["mode"] == "person":  # each actor by that actor's clips, as in training
+        dataset.population = calibration[1]
+        dataset.profiles = person_profiles(dataset, CalibrationSettings(**calibration[0]))[0]
+        print(f"inputs calibrated as in training: {CalibrationSettings(**calibration[0]).describe()}")
     ids = [record.clip_id for record in dataset.records]
     if not ids:
         raise DataError(f"cache {cache} holds no clips")
@@ -113,7 +123,7 @@ def clip_from_cache(model: torch.nn.Module, state: dict, cache: Path | None, fea
     return default_collate([dataset[ids.index(clip_id)]]), clip_id
 
 
-def clip_from_files(model: torch.nn.Module, cache: Path | None) -> tuple[dict, str]:
+def clip_from_files(model: torch.nn.Module, state: dict, cache: Path | None) -> tuple[dict, str]:
     """One centred window of the files, preprocessed as in training (the cache's settings when there is one)."""
     settings = Settings(**{k: tuple(v) if isinstance(v, list) else v
                            for k, v in load_manifest(cache)["settings"].items()}) \
@@ -127,8 +137,25 @@ def clip_from_files(model: torch.nn.Module, cache: Path | None) -> tuple[dict, s
     except (ClipError, OSError) as err:
         raise DataError(str(err)) from None
     windows = replace(video, logmel=sound.logmel) if video and sound else video or sound
-    batch = to_batch(windows, settings, visual_input, model.config.get("feature_dim", 35))
+    batch = to_batch(windows, settings, visual_input, model.config.get("feature_dim", 35), file_calibration(state))
     return batch, " + ".join(Path(f).name for f in (VIDEO_FILE, AUDIO_FILE) if f)
+
+
+def file_calibration(state: dict):
+    """PROFILE's calibration of file inputs onto the checkpoint's training population (None without PROFILE)."""
+    calibration = stored_calibration(state)
+    if not PROFILE:
+        if calibration and calibration[0]["mode"] == "person":
+            print("the model was trained with person calibration: without --profile the clip is taken as the "
+                  "average training actor's")
+        return None
+    if calibration is None:
+        raise ConfigError("this checkpoint was written before person calibration existed: --profile cannot apply")
+    profile = PersonProfile.load(PROFILE)
+    if calibration[0]["mode"] == "person" and calibration[0]["source"] == "neutral":
+        profile = replace(profile, mean_only=True)
+    print(f"calibration: person profile '{profile.person}' ({profile.describe()})")
+    return lambda kind, x: profile.calibrate(kind, x, calibration[1])
 
 
 # ------------------------------------------------------------------------------------------------- figures
@@ -232,7 +259,10 @@ def main() -> list[Path]:
     name = state["model_name"]
     check_has_attention(model, name)
     cache, feature_file = training_inputs(state)
-    batch, clip = clip_from_files(model, cache) if (VIDEO_FILE or AUDIO_FILE) else \
+    if PROFILE and not (VIDEO_FILE or AUDIO_FILE):
+        raise ConfigError("--profile calibrates --video_file / --audio_file; a cache clip is calibrated by its "
+                          "actor's own clips, as in training")
+    batch, clip = clip_from_files(model, state, cache) if (VIDEO_FILE or AUDIO_FILE) else \
         clip_from_cache(model, state, cache, feature_file)
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     maps = attention_layers(model, name, batch)

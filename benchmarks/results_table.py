@@ -8,6 +8,11 @@ budget changed show it). Where more seeds finished (bench_<row>_seed<s>), two mo
 +- std over seeds of the CV mean accuracy, and the accuracy of the seed ensemble (per fold, the class
 probabilities of the seeds' models averaged per clip, then the argmax; mean over folds).
 
+A calibration table puts each row's uncalibrated figure beside its person-calibrated rows (`<row>_cal`: all of
+each test person's clips, `_cal16` / `_cal8`: that many, `_calneutral`: the 4 neutral clips), as mean +- std over
+folds of seed 0 and, where more seeds finished, the mean over seeds. With CURVE_FIGURE the accuracy of Lite concat
+against the number of calibration clips is drawn there (PNG).
+
 A second table compares model selection and test-time averaging on the same trainings: per run (the rows' seed 0
 and SELECTION_RUNS), the mean over folds of the tested (selected) weights and of the `alternatives` each fold's
 metrics.json records: the last weights and the EMA weights, each without and with time-shift averaging.
@@ -25,6 +30,8 @@ from training.config import run_script  # noqa: E402
 
 OUTPUT_DIR = "checkpoints"  # where benchmarks/real_data_cv.sh wrote its run folders
 MAX_SEEDS = 10  # seeds looked for per row (bench_<row>_seed1 ... _seed9)
+CURVE_FIGURE = ""  # e.g. docs/figures/lite_concat_calibration_clips.png: Lite concat's accuracy against the
+# number of calibration clips per person (0 = uncalibrated, 4, 8, 16, 30, all); "" = no figure
 SELECTION_RUNS = ""  # comma-separated extra run names for the selection table (e.g. runs with validation actors)
 LITE_ROWS = [  # run name, model description, modalities: the Lite rows, each also with the previous constants
     ("bench_lite_audio", "Lite (cpu preset, <1M)", "audio"),
@@ -44,6 +51,20 @@ ROWS = [  # run name, script folder, model description, modalities
                   (f"{run}_handset", "train_lite_model", f"{model}, previous constants", modalities))],
     ("bench_full_audio_au", "train_full_model", "MultimodalFER, cpu preset (14M, 16 LFM2 blocks)", "audio + AUs"),
 ]
+
+
+CALIBRATED = [  # run name, script folder, model: rows that have person-calibrated versions (<run>_cal, ...)
+    ("bench_simple_audio_au", "train_simple_working", "SimpleCNN, audio + AUs"),
+    ("bench_lite_audio", "train_lite_model", "Lite, audio"),
+    ("bench_lite_au", "train_lite_model", "Lite, AUs"),
+    ("bench_lite_concat", "train_lite_model", "Lite, concat fusion, audio + AUs"),
+    ("bench_lite_cross_attention", "train_lite_model", "Lite, cross-attention fusion, audio + AUs"),
+    ("bench_lite_transformer", "train_lite_model", "Lite, transformer fusion, audio + AUs"),
+    ("bench_full_audio_au", "train_full_model", "MultimodalFER (cpu preset), audio + AUs"),
+]
+CALIBRATIONS = (("", "uncalibrated"), ("_cal", "all clips"), ("_cal16", "16 clips"), ("_cal8", "8 clips"),
+                ("_calneutral", "4 neutral clips"))
+CURVE_CLIPS = (("", 0), ("_cal4", 4), ("_cal8", 8), ("_cal16", 16), ("_cal30", 30), ("_cal", 60))
 
 
 def row_runs(root: Path) -> list[tuple[str, Path]]:
@@ -106,7 +127,64 @@ def main() -> None:
     unfinished = [name for name, folder in extra if not (folder / "cv_metrics.json").exists()]
     if unfinished:
         print(f"no finished cross-validation: {', '.join(unfinished)}", file=sys.stderr)
+    print_calibration_table(root)
+    if CURVE_FIGURE:
+        plot_calibration_curve(root, Path(CURVE_FIGURE))
     print_selection_table(row_runs(root) + extra)
+
+
+def accuracy_cell(runs: list[Path]) -> str:
+    """Seed 0's mean +- std over folds; with several seeds also their mean +- std ('-' without a finished run)."""
+    if not runs:
+        return "-"
+    means = [json.loads((r / "cv_metrics.json").read_text())["accuracy"] for r in runs]
+    cell = f"{means[0]['mean']:.1%} +- {means[0]['std']:.1%}"
+    if len(runs) > 1:
+        over = [m["mean"] for m in means]
+        cell += f" (seeds: {np.mean(over):.1%} +- {np.std(over):.1%}, {len(runs)})"
+    return cell
+
+
+def print_calibration_table(root: Path) -> None:
+    """Each calibrated row beside its uncalibrated one: 5-fold CV accuracy, test persons calibrated on their own
+    unlabeled clips (all, 16, 8) or their neutral clips."""
+    header = "| model, inputs | " + " | ".join(name for _, name in CALIBRATIONS) + " |"
+    print("\n" + header + "\n" + "|---" * (len(CALIBRATIONS) + 1) + "|")
+    for run, script, model in CALIBRATED:
+        cells = [accuracy_cell(seed_runs(root, script, run + suffix)) for suffix, _ in CALIBRATIONS]
+        if any(cell != "-" for cell in cells[1:]):
+            print(f"| {model} | " + " | ".join(cells) + " |")
+
+
+def plot_calibration_curve(root: Path, path: Path) -> None:
+    """Lite concat's CV accuracy (mean +- std over folds, seed 0) against calibration clips per person."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = []
+    for suffix, clips in CURVE_CLIPS:
+        runs = seed_runs(root, "train_lite_model", f"bench_lite_concat{suffix}")
+        if runs:
+            acc = json.loads((runs[0] / "cv_metrics.json").read_text())["accuracy"]
+            points.append((clips, acc["mean"], acc["std"]))
+    if not points:
+        print(f"no Lite concat run finished: {path} not drawn", file=sys.stderr)
+        return
+    x, mean, std = (np.array(v) for v in zip(*points))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(x, 100 * mean, yerr=100 * std, marker="o", capsize=4)
+    ax.set_xticks(x, ["none" if c == 0 else "all (60)" if c == 60 else str(c) for c in x])
+    ax.set_xlabel("calibration clips per test person (unlabeled)")
+    ax.set_ylabel("accuracy, % (5-fold actor CV, seed 0)")
+    ax.set_title("Lite concat fusion, audio + AUs, actors 1-20")
+    ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
 
 
 def print_selection_table(runs: list[tuple[str, Path]]) -> None:

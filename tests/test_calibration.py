@@ -219,3 +219,36 @@ def test_real_person_calibration_of_one_actor(calibrated_run, tmp_path):
     done = run_predict(f"--calibrate={actor}", str(files[0]), f"--checkpoint={calibrated_run}")
     assert done.returncode == 0, done.stderr
     assert "person profile 'Actor_03'" in done.stdout and "from 60 clip(s)" in done.stdout
+
+
+def test_visualize_attention_calibrates_a_cache_clip_as_in_training(tmp_path, monkeypatch):
+    """A checkpoint trained with calibration: visualize_attention standardises the clip by its actor's clips and
+    maps it onto the stored population, as training did."""
+    import visualize_attention
+    from data.synthetic import make_synthetic_cache
+    from models import build_model
+    from training.checkpoint import calibration_entry, feature_stats_entry, make_state, save_checkpoint
+    from training.config import ConfigError
+
+    cache = make_synthetic_cache(tmp_path / "cache", actors=(1,), takes=1, n_frames=4, size=32, seconds=1.0)
+    ids = [clip["clip_id"] for clip in json.loads((cache / "manifest.json").read_text())["clips"]]
+    rows = (50 + 10 * np.random.default_rng(0).standard_normal((len(ids), 6))).astype(np.float32)
+    np.savez(tmp_path / "au.npz", names=np.array([f"01-{i}" for i in ids]), visual_au=rows)
+    torch.manual_seed(0)
+    model = build_model("lite", {"width": 32, "audio_channels": [4, 8, 8, 16], "audio_tokens": 4,
+                                 "visual_input": "features", "feature_dim": 6, "visual_tokens": 4,
+                                 "fusion": "cross_attention", "fusion_layers": 1, "n_heads": 4, "mlp_ratio": 2})
+    population = {"features": (np.full(6, 40.0, np.float32), np.full(6, 5.0, np.float32))}
+    run_config = {"DATASET": "ravdess", "CACHE_DIR": str(cache), "VISUAL_INPUT": "features",
+                  "FEATURE_FILE": str(tmp_path / "au.npz"), "MODALITIES": ["audio", "visual"]}
+    save_checkpoint(tmp_path / "run" / "ckpt_best.pt", make_state(
+        model.eval(), "lite", run_config=run_config, feature_stats=feature_stats_entry(population["features"]),
+        calibration=calibration_entry((ALL, population))))
+    seen = []
+    monkeypatch.setattr(type(model), "attention_maps", lambda self, batch: seen.append(batch["features"]) or [])
+    for key, value in {"CHECKPOINT": str(tmp_path / "run"), "OUTPUT_DIR": str(tmp_path / "out")}.items():
+        monkeypatch.setattr(visualize_attention, key, value)
+    with pytest.raises(ConfigError, match="attention pooling only"):  # the stub gives no maps: stops after input
+        visualize_attention.main()
+    std = np.sqrt(rows.std(0) ** 2 + (0.1 * 5.0) ** 2)  # the person's std, floored at a tenth of the population's
+    torch.testing.assert_close(seen[0][0], torch.from_numpy((rows[0] - rows.mean(0)) / std), rtol=1e-4, atol=1e-4)

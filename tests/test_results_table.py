@@ -15,13 +15,13 @@ from tests.shared_paths import REPO
 
 
 def write_run(root, name: str, fold_probabilities: list[list[list[float]]], clip_ids: list[str],
-              alternatives: list[dict] | None = None) -> None:
+              alternatives: list[dict] | None = None, script: str = "train_simple_working") -> None:
     folds = []
     for fold, probabilities in enumerate(fold_probabilities):
         labels = [int(c.split("-")[1]) - 1 for c in clip_ids]
         accuracy = sum(max(range(8), key=p.__getitem__) == y for p, y in zip(probabilities, labels)) / len(labels)
         folds.append(accuracy)
-        path = root / "train_simple_working" / name / f"fold{fold}"
+        path = root / script / name / f"fold{fold}"
         path.mkdir(parents=True)
         alternative = alternatives[fold] if alternatives else dict.fromkeys(ALTERNATIVES, accuracy)
         (path / "metrics.json").write_text(json.dumps({"probabilities": probabilities, "clip_ids": clip_ids,
@@ -30,8 +30,8 @@ def write_run(root, name: str, fold_probabilities: list[list[list[float]]], clip
         (path / "log.jsonl").write_text("".join(json.dumps({"epoch": e}) + "\n" for e in (1, 2, 3)))
     summary = {"accuracy": {"mean": sum(folds) / len(folds), "std": 0.0, "per_fold": folds},
                "uar": {"mean": 0.5, "std": 0.0, "per_fold": folds}}
-    (root / "train_simple_working" / name / "cv_metrics.json").write_text(json.dumps(summary))
-    (root / "train_simple_working" / name / "config.json").write_text(json.dumps({"config": {"N_VAL_ACTORS": 2}}))
+    (root / script / name / "cv_metrics.json").write_text(json.dumps(summary))
+    (root / script / name / "config.json").write_text(json.dumps({"config": {"N_VAL_ACTORS": 2}}))
 
 
 ALTERNATIVES = ("last", "last_shifts2", "ema", "ema_shifts2")
@@ -64,6 +64,33 @@ def test_selection_table_averages_the_alternatives_over_folds(tmp_path, monkeypa
     captured = capsys.readouterr()
     assert "| exp_val | 50.0% (best_val, 2) | 60.0% | 70.0% | 80.0% | 60.0% |" in captured.out
     assert "no finished cross-validation: exp_gone" in captured.err
+
+
+def test_calibrated_rows_stand_beside_the_uncalibrated_one_and_draw_the_curve(tmp_path, monkeypatch, capsys):
+    clips = ["01-01-01-01-01-01", "01-03-01-01-01-02"]
+    right, wrong = one_hot(0, 0.9), one_hot(5, 0.9)
+    write_run(tmp_path, "bench_simple_audio_au", [[right, wrong]], clips)
+    write_run(tmp_path, "bench_simple_audio_au_cal", [[right, one_hot(2, 0.9)]], clips)
+    write_run(tmp_path, "bench_simple_audio_au_cal_seed1", [[wrong, wrong]], clips)
+    for suffix, probabilities in (("", [right, wrong]), ("_cal8", [right, one_hot(2, 0.9)])):
+        write_run(tmp_path, f"bench_lite_concat{suffix}", [probabilities], clips, script="train_lite_model")
+    monkeypatch.setattr(results_table, "OUTPUT_DIR", str(tmp_path))
+    monkeypatch.setattr(results_table, "CURVE_FIGURE", str(tmp_path / "curve.png"))
+    results_table.main()
+    out = capsys.readouterr().out
+    assert ("| SimpleCNN, audio + AUs | 50.0% +- 0.0% | 100.0% +- 0.0% (seeds: 50.0% +- 50.0%, 2) | - | - | - |"
+            in out)
+    assert "| Lite, concat fusion, audio + AUs | 50.0% +- 0.0% | - | - | 100.0% +- 0.0% | - |" in out
+    assert (tmp_path / "curve.png").stat().st_size > 0
+
+
+def test_every_calibrated_benchmark_row_is_in_the_calibration_table_or_curve(tmp_path):
+    shown = {run + suffix for run, _, _ in results_table.CALIBRATED for suffix, _ in results_table.CALIBRATIONS}
+    shown |= {"bench_lite_concat" + suffix for suffix, _ in results_table.CURVE_CLIPS}
+    script = (REPO / "benchmarks" / "real_data_cv.sh").read_text()
+    calibrated = [line.split("|")[0].strip(' "') for line in script.splitlines() if "_cal" in line.split("|")[0]
+                  and line.strip().startswith('"')]
+    assert len(calibrated) >= 10 and all(f"bench_{row}" in shown for row in calibrated), calibrated
 
 
 @pytest.fixture
