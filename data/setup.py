@@ -204,9 +204,15 @@ def make_split(cache: Path, actors: str | list[int], n_folds: int, fold: int, n_
                test_actors: list[int] | str = "", val_actors: list[int] | str = "") -> Split:
     """Explicit TEST_ACTORS/VAL_ACTORS when given, else fold `fold` of the k-fold split over `actors`
     ("auto": every actor in the cache, e.g. 1-24 for the full RAVDESS, 1-12 for the synthetic set)."""
+    from data.ravdess import _ranges
     from training.config import parse_actors
 
-    actors = cached_actors(cache) if actors == "auto" else parse_actors(actors)
+    available = cached_actors(cache)
+    actors = available if actors == "auto" else parse_actors(actors)
+    missing = sorted(set(actors) - set(available))
+    if missing:  # else a fold of absent actors would train or test on nothing, under a label naming them
+        raise DataError(f"ACTORS names actors the data does not have ({_ranges(missing)}); "
+                        f"the data has actors {_ranges(available)}")
     if test_actors:
         return split_actors(parse_actors(test_actors), parse_actors(val_actors) if val_actors else 0, actors)
     return kfold_split(actors, n_folds, fold, n_val_actors)

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from models import ModelConfigError
 from models.init import mark_residual_output
 from models.layers import RMSNorm, attend, substitute_missing
 
@@ -223,19 +224,19 @@ class FrameEncoder(nn.Module):
         """
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"face-pretrained checkpoint not found: {path}")
+            raise ModelConfigError(f"face-pretrained checkpoint not found: {path}")
         state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or state.get("model_name") != FACE_CHECKPOINT_KIND:
-            raise ValueError(f"{path} is not a face-encoder checkpoint of pretrain_visual.py")
+            raise ModelConfigError(f"{path} is not a face-encoder checkpoint of pretrain_visual.py")
         trained = state["model_config"]["backbone"]
         if trained != self.backbone_name:
-            raise ValueError(f"{path} holds a '{trained}' backbone, this encoder uses '{self.backbone_name}'")
+            raise ModelConfigError(f"{path} holds a '{trained}' backbone, this encoder uses '{self.backbone_name}'")
         prefix = FACE_BACKBONE_PREFIX
         weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
         try:
             self.backbone.load_state_dict(weights)
         except RuntimeError as err:
-            raise ValueError(f"{path} does not fit this backbone: {str(err).splitlines()[1].strip()}") from None
+            raise ModelConfigError(f"{path} does not fit this backbone: {str(err).splitlines()[1].strip()}") from None
         self.pretrained = True
         config = state["model_config"]
         return {"image_size": config.get("image_size"), "class_names": config.get("class_names"),

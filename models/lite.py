@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from models import ModelConfigError
 from models.encoders import (AudioEncoder, FeatureEncoder, FrameEncoder, drop_one_modality, encode_present)
 from models.fusion import Fusion
 from models.init import apply_init
@@ -135,7 +136,7 @@ class MultimodalFERLite(nn.Module):
     def load_face_pretrained(self, path: str | Path) -> dict:
         """Load a `pretrain_visual.py` face-encoder checkpoint into the frame backbone (frames input only)."""
         if not isinstance(getattr(self, "visual_encoder", None), FrameEncoder):
-            raise ValueError("face-pretrained weights need visual_input='frames' and the visual modality")
+            raise ModelConfigError("face-pretrained weights need visual_input='frames' and the visual modality")
         return self.visual_encoder.load_face_pretrained(path)
 
     # ------------------------------------------------------------------------------------ init and size

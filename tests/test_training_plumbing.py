@@ -41,9 +41,9 @@ def tiny_batch(n: int = 16) -> dict:
 
 def test_overrides_parse_literals_and_both_spellings():
     ns = {"BATCH_SIZE": 16, "LR": 1e-3, "MODALITIES": ("audio", "visual"), "DATA_ROOT": "x", "AMP": True}
-    resolved = apply_overrides(ns, ["--batch-size=32", "--lr=0", "--modalities=['audio']",
+    resolved = apply_overrides(ns, ["--batch-size=32", "--lr=1", "--modalities=['audio']",
                                     "--data_root=/content/drive/RAVDESS", "--amp=False"])
-    assert ns["BATCH_SIZE"] == 32 and ns["LR"] == 0.0 and isinstance(ns["LR"], float)
+    assert ns["BATCH_SIZE"] == 32 and ns["LR"] == 1.0 and isinstance(ns["LR"], float)
     assert ns["MODALITIES"] == ("audio",) and ns["DATA_ROOT"] == "/content/drive/RAVDESS" and ns["AMP"] is False
     assert resolved["BATCH_SIZE"] == 32
     apply_overrides(ns, ["--modalities=audio"])

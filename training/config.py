@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import tokenize
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,7 @@ def config_keys(namespace: dict) -> list[str]:
 
 
 def _check_type(key: str, old: object, new: object) -> object:
-    # An int where a float is expected is fine (LR=1e-3 vs --lr=0); a string where a number is expected is a typo.
+    # An int where a float is expected is fine (LR=1e-3 vs --lr=1); a string where a number is expected is a typo.
     if isinstance(old, float) and isinstance(new, int) and not isinstance(new, bool):
         return float(new)
     # A count (epochs, batch size) is a whole number: 2.5 epochs would run as 3 and be logged as "epoch 3/2.5".
@@ -222,9 +223,73 @@ def apply_preset(namespace: dict, explicit: set[str]) -> None:
             namespace[key] = value
 
 
+# Allowed ranges of numeric constants, by name (a regular expression matching the whole name): (low, low included,
+# high, high included), None for no bound. One table for every script, checked before a script does any work, so
+# `--lr=-1` or `--batch_size=0` is a one-line error rather than a traceback from the optimizer or the DataLoader,
+# and `--epochs=-3` or `--warmup_fraction=1.5` is refused rather than trained with. A constant whose value is not a
+# number (None: "the recipe's", "all") is not checked.
+_RANGES: dict[str, tuple[float | None, bool, float | None, bool]] = {
+    r"(\w+_)?LR": (0, False, None, False),  # a learning rate; 0 would train nothing
+    r"EPOCHS|STEPS|OVERFIT_STEPS|BATCH_SIZE|PATIENCE": (1, True, None, False),
+    r"\w+_EPOCHS|WARMUP_STEPS": (0, True, None, False),  # a stage of 0 epochs is skipped
+    r"(\w+_)?WORKERS": (0, True, None, False),  # 0: in the main process (PREPARE_WORKERS 0: one per CPU)
+    r"LABEL_SMOOTHING|(\w+_)?DROPOUT": (0, True, 1, False),
+    r"WARMUP_FRACTION|EMA_DECAY": (0, True, 1, True),
+    r"WEIGHT_DECAY|CLIP_NORM|FEATURE_NOISE|MIXUP_ALPHA|TEST_TIME_SHIFTS|N_VAL_ACTORS": (0, True, None, False),
+    r"N_FRAMES|FRAME_SIZE|FREQ_MASKS|FREQ_MASK_BINS|TIME_MASKS|TIME_MASK_SECONDS|TIME_SHIFT_SECONDS":
+        (0, True, None, False),
+    r"N_FOLDS": (2, True, None, False),
+}
+
+
+def _range_text(low: float | None, low_in: bool, high: float | None, high_in: bool) -> str:
+    if high is None:
+        return f"{'>=' if low_in else '>'} {low:g}"
+    return f"in {'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+
+
+def check_ranges(namespace: dict) -> None:
+    """Raise a one-line ConfigError for a numeric constant outside its range in `_RANGES`; constants a script
+    does not define, and values that are not numbers, are left alone."""
+    for key in config_keys(namespace):
+        value = namespace[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        for pattern, (low, low_in, high, high_in) in _RANGES.items():
+            if not re.fullmatch(pattern, key):
+                continue
+            above = low is None or value > low or (low_in and value == low)
+            below = high is None or value < high or (high_in and value == high)
+            if not (above and below):
+                raise ConfigError(f"--{key.lower()}={value:g} is out of range: it must be "
+                                  f"{_range_text(low, low_in, high, high_in)}")
+            break
+    stages = sorted(k for k in config_keys(namespace) if re.fullmatch(r"STAGE\d+_EPOCHS", k))
+    if stages and all(namespace[k] == 0 for k in stages):  # each stage may be skipped, not all of them
+        raise ConfigError(f"{' and '.join(f'--{k.lower()}=0' for k in stages)}: no stage would train")
+
+
+def check_output_dir(namespace: dict) -> None:
+    """An OUTPUT_DIR that cannot be written is a one-line error before any work (rather than the chained
+    tracebacks of the first folder made in it): the nearest existing folder on its path must be writable."""
+    output_dir = namespace.get("OUTPUT_DIR")
+    if not isinstance(output_dir, str) or not output_dir:
+        return
+    path = Path(output_dir).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"--output_dir={output_dir} cannot be made: {existing} is a file")
+    try:  # a real write: permissions, a read-only file system and a full disk all show here (root included)
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--output_dir={output_dir} is not writable ({err.strerror or err} in {existing})") from None
+
+
 def apply_overrides(namespace: dict, argv: list[str]) -> dict:
-    """Apply `--key=value` arguments to the UPPER_SNAKE constants in `namespace`, check its choice constants;
-    return the resolved config. A bare `--flag` of a True/False constant means `--flag=True`."""
+    """Apply `--key=value` arguments to the UPPER_SNAKE constants in `namespace`, check its choice constants,
+    numeric ranges and output folder; return the resolved config. A bare `--flag` of a True/False constant means
+    `--flag=True`."""
     keys = config_keys(namespace)
     defaults = {k: namespace[k] for k in keys}
     explicit: set[str] = set()
@@ -244,6 +309,8 @@ def apply_overrides(namespace: dict, argv: list[str]) -> dict:
         explicit.add(key)
     apply_preset(namespace, explicit)
     check_choices(namespace, script_docs(namespace), defaults)
+    check_ranges(namespace)
+    check_output_dir(namespace)
     return {k: namespace[k] for k in config_keys(namespace)}
 
 
