@@ -252,7 +252,8 @@ def test_train_step_with_mixup_weights_both_labels_losses():
 def test_a_run_made_before_a_constant_existed_continues_with_its_old_value(tmp_path):
     from training.progress import open_run
 
-    open_run("script", "old", str(tmp_path), {"LR": 0.002}, "cpu")
+    made = open_run("script", "old", str(tmp_path), {"LR": 0.002}, "cpu")
+    (made.dir / "log.jsonl").write_text("{}\n")  # it trained (a run that never trained blocks nothing)
     assert open_run("script", "old", str(tmp_path), {"LR": 0.002, "MIXUP_ALPHA": 0.0}, "cpu",
                     added_constants={"MIXUP_ALPHA": 0.0}).dir.exists()
     with pytest.raises(ConfigError, match="MIXUP_ALPHA 0.0 -> 0.4"):

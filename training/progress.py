@@ -1,10 +1,11 @@
 """Bookkeeping around the visible training loop: progress counters, resume, epoch end, final test.
 
 A script's loop reads:
-    progress = resume(run, model, optimizer, scaler, model_name)         # or a fresh Progress
+    progress = resume(run, model, optimizer, scaler, model_name, ema)    # or a fresh Progress
     for stage ...: for epoch ...: for batch ...: train_step(...)
-        end_epoch(run, progress, ...)                                     # validate, log, checkpoint, early stop
-    test_metrics = final_test(run, model, test_loader, runtime)
+        end_epoch(run, progress, ...)                                     # log, checkpoint, early stop
+    test_metrics = final_test(run, model, model_name, loaders.test, runtime, loaders.class_names,
+                              select=SELECT_CHECKPOINT)                   # the selected weights on the test actors
 """
 from __future__ import annotations
 
@@ -292,7 +293,7 @@ def fold_list(fold: int | str, n_folds: int) -> list[int]:
 
 # Constants that may differ between invocations of one run: which fold a process trains, where and on how many
 # processes it runs (SYNC_BATCHNORM acts only under torchrun; runs made before it existed resume).
-RUN_INDEPENDENT_KEYS = ("FOLD", "NUM_WORKERS", "PREP_WORKERS", "DEVICE", "RESTART", "RUN_NAME", "OUTPUT_DIR",
+RUN_INDEPENDENT_KEYS = ("FOLD", "NUM_WORKERS", "PREPARE_WORKERS", "DEVICE", "RESTART", "RUN_NAME", "OUTPUT_DIR",
                         "SYNC_BATCHNORM")
 
 
@@ -308,7 +309,8 @@ def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_
     """The run folder, with config.json written; refuses to continue a run made with other constants.
 
     A run resumes (or reports its finished folds) under its RUN_NAME; with changed constants that would mix two
-    recipes in one result, so it is a one-line error unless `restart` deletes the old folder first.
+    recipes in one result, so it is a one-line error unless `restart` deletes the old folder first. A run folder
+    that never trained (its attempt failed before the first epoch) blocks nothing: its config.json is replaced.
     `added_constants`: constants the script gained after runs were made, each with the value that behaves as the
     script did before it existed; a run whose config lacks one was made with that value.
     """
@@ -316,6 +318,8 @@ def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_
     if not is_main():  # rank 0 checks, deletes and writes
         return run
     previous = run.read_metrics("config.json")
+    if previous is not None and not run.has_trained():
+        previous = None  # an attempt that failed before training holds no result a change could mix with
     if previous is not None and restart:
         shutil.rmtree(run.dir)
         run = RunFolder(script, run_name, output_dir)
@@ -342,6 +346,8 @@ def cross_validate(run: RunFolder, folds: list[int], train_fold: Callable[[RunFo
     sessions) and a later --fold=all only collects their metrics.json. An explicit split uses the run folder.
     `select` and `test_time_shifts` (SELECT_CHECKPOINT, TEST_TIME_SHIFTS): how folds are tested now; a finished fold
     tested otherwise goes through `train_fold` again, which resumes after its last epoch and only tests.
+    When a fold fails before anything of the run was trained (a bad value found while building the data or the
+    model), the run folder is deleted: rerunning with the value fixed starts clean.
     """
     test_plan = {"selection": select, "test_time_shifts": test_time_shifts} if select is not None else {}
     results = []
@@ -359,7 +365,11 @@ def cross_validate(run: RunFolder, folds: list[int], train_fold: Callable[[RunFo
         if finished is not None:
             print(f"fold {fold} finished earlier: test accuracy {finished['accuracy']:.1%}, UAR {finished['uar']:.1%} "
                   f"({fold_run.dir / 'metrics.json'}; --restart=True trains it again)")
-        results.append(finished or train_fold(fold_run, fold))
+        try:
+            results.append(finished or train_fold(fold_run, fold))
+        except BaseException:
+            run.discard_untrained(fold_run)  # an attempt that failed before training leaves no folder behind
+            raise
     if len(folds) > 1:
         report_folds(run, results, protocol)
     return results

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -91,6 +92,31 @@ class RunFolder:
 
     def has_checkpoint(self) -> bool:
         return self.last.is_file()
+
+    # What a run leaves once it has trained (in its folder or a fold's): a run folder holding none of these only has
+    # the config.json of an attempt that failed before its first epoch.
+    TRAINING_TRACES = ("log.jsonl", "ckpt_last.pt", "metrics.json", "cv_metrics.json", "crash*.pt")
+
+    def has_trained(self) -> bool:
+        """Whether this run (or one of its folds) got as far as training: a log, checkpoint, metrics or crash dump."""
+        return any(next(self.dir.rglob(pattern), None) is not None for pattern in self.TRAINING_TRACES)
+
+    def discard_untrained(self, fold: "RunFolder | None" = None) -> bool:
+        """Delete the folder of a run that never trained (it failed before its first epoch, in `fold`), and the
+        folders above it up to `root` that are left empty, so that the failed attempt leaves nothing; True when
+        deleted. A folder holding anything besides config.json and `fold`'s folder is kept: another process may be
+        starting another fold of the same run (folds run as separate processes)."""
+        if not is_main() or not self.dir.is_dir() or self.has_trained():
+            return False
+        own = {self.dir / "config.json", *([fold.dir] if fold is not None else [])}
+        if any(entry not in own for entry in self.dir.iterdir()):
+            return False
+        shutil.rmtree(self.dir)
+        for parent in self.dir.parents:
+            if parent == self.root or not parent.is_dir() or any(parent.iterdir()):
+                break
+            parent.rmdir()
+        return True
 
     def save_crash_dump(self, batch: dict, state: dict, reason: str) -> Path:
         """Save the failing batch with `state` (the state before the step: model_name, model_config, weights, and
