@@ -349,16 +349,25 @@ def make_loaders(train: RavdessDataset, val: RavdessDataset, test: RavdessDatase
 
     With `world_size` > 1 processes (torchrun) the training loader holds this rank's share of the shuffled order, a
     `DistributedSampler` (the same permutation on every rank, padded to equal shares; `Loaders.set_epoch` seeds
-    it). Val and test stay whole: rank 0 evaluates them (training.progress.validate)."""
-    extra = dict(num_workers=num_workers, persistent_workers=num_workers > 0)
+    it). Val and test stay whole: rank 0 evaluates them (training.progress.validate).
+
+    With workers, every random stream a run draws from is a function of (seed, epoch), so a resumed run is the
+    uninterrupted one: the training workers start afresh each epoch, seeded from the generator `Loaders.set_epoch`
+    reseeds (persistent workers would carry their augmentation streams, and the order, from the first epoch on);
+    val and test draw their workers' seeds from a generator of their own, not from the global stream that the
+    model's dropout uses (a persistent loader draws once, so a resumed run would draw once more)."""
     generator = torch.Generator().manual_seed(seed)
+    train_extra = dict(num_workers=num_workers, persistent_workers=False)
     if world_size > 1:
         sampler = DistributedSampler(train, world_size, rank, shuffle=True, seed=0)  # reseeded by set_epoch
         train_loader = DataLoader(train, batch_size, sampler=sampler, generator=generator,
-                                  drop_last=len(sampler) % batch_size == 1, **extra)
+                                  drop_last=len(sampler) % batch_size == 1, **train_extra)
     else:
         train_loader = DataLoader(train, batch_size, shuffle=True, generator=generator,
-                                  drop_last=len(train) % batch_size == 1, **extra)
+                                  drop_last=len(train) % batch_size == 1, **train_extra)
+    # Without workers the global stream is left as it was (the runs made so far draw from it).
+    eval_extra = dict(num_workers=num_workers, persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed) if num_workers > 0 else None)
     return (train_loader,
-            DataLoader(val, batch_size, shuffle=False, **extra),
-            DataLoader(test, batch_size, shuffle=False, **extra))
+            DataLoader(val, batch_size, shuffle=False, **eval_extra),
+            DataLoader(test, batch_size, shuffle=False, **eval_extra))

@@ -94,7 +94,9 @@ class Loaders:
         return shift_step_frames(dataset.spec_augment.time_shift_seconds, dataset.audio_steps_per_second, shifts)
 
     def set_epoch(self, epoch: int) -> None:
-        """Seed the training order from (seed, epoch), so a resumed run visits batches as an uninterrupted one.
+        """Seed the training order and the data-loader workers' augmentation from (seed, epoch), so a resumed run
+        visits and augments batches as an uninterrupted one (each epoch starts its workers afresh from this seed:
+        data.dataset.make_loaders).
 
         Under torchrun each rank's DistributedSampler draws the permutation one process would draw, so the ranks'
         batches together are one process's batches of N x BATCH_SIZE; the loader's generator, which seeds the
