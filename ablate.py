@@ -6,8 +6,8 @@ interruption only trains what is missing. The table (mean +- std accuracy and UA
 to `OUTPUT_DIR/ablate/RUN_NAME/ablation.md`.
 
 Real audio + facial action units, 5 folds over actors 1-20 (the benchmark on these machines):
-    python ablate.py --dataset=ravdess --data_root=../shared/data/ravdess_speech_16k \\
-        --visual_input=features --feature_file=../shared/data/ravdess_clip_features/au_mfcc.npz \\
+    python ablate.py --dataset=ravdess --data_root=../shared/data/ravdess_speech_16k \
+        --visual_input=features --feature_file=../shared/data/ravdess_clip_features/au_mfcc.npz \
         --actors=1-20 --n_folds=5 --extra="['--preset=cpu']"
 A quick look on the synthetic set:
     python ablate.py --fusions="('concat', 'gated')" --extra="['--width=64', '--frame_backbone=small']"
@@ -16,12 +16,15 @@ Colab:
 """
 from __future__ import annotations
 
+import difflib
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-from training.config import ConfigError, run_script
+from training.config import ConfigError, constant_docs, run_script
+
+_TRAIN_SCRIPT = Path(__file__).with_name("train_lite_model.py")
 
 # ---- data (passed through to train_lite_model.py)
 DATASET = "synthetic"  # "synthetic" or "ravdess"
@@ -50,6 +53,19 @@ def rows() -> list[dict]:
     return single + both
 
 
+def check_rows(rows: list[dict]) -> None:
+    """Refuse a row whose fusion train_lite_model.py does not know before any row trains (a misspelt fusion would
+    otherwise fail only when its row starts, after the rows before it trained). The allowed values are the ones
+    the training script's FUSION comment lists, read from its source (scripts never import each other)."""
+    allowed = constant_docs(_TRAIN_SCRIPT.read_text())["FUSION"].choices or []
+    for row in rows:
+        if row["fusion"] not in allowed:
+            close = difflib.get_close_matches(str(row["fusion"]), allowed, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"row '{row['name']}': fusion {row['fusion']!r} is not one of "
+                              f"{' | '.join(allowed)}{hint}; no row was trained")
+
+
 def run_row(row: dict) -> dict:
     """Train one row over every fold (resuming if it was interrupted) and return its cv_metrics.json."""
     run_name = f"{RUN_NAME}/{row['name'].replace(' ', '').replace(',', '_').replace('+', '_')}"
@@ -60,7 +76,7 @@ def run_row(row: dict) -> dict:
                 f"--modalities={row['modalities']!r}", f"--fusion={row['fusion']}", f"--output_dir={OUTPUT_DIR}",
                 f"--run_name={run_name}", *EXTRA]
         print(f"\n=== {row['name']}: python train_lite_model.py {' '.join(args)}", flush=True)
-        done = subprocess.run([PYTHON, str(Path(__file__).with_name("train_lite_model.py")), *args])
+        done = subprocess.run([PYTHON, str(_TRAIN_SCRIPT), *args])
         if done.returncode != 0:
             raise ConfigError(f"row '{row['name']}' failed (exit {done.returncode}); see its output above")
     return json.loads(metrics_path.read_text())
@@ -80,9 +96,11 @@ def markdown_table(results: list[tuple[dict, dict]], protocol: str) -> str:
 def main() -> None:
     if not isinstance(EXTRA, (list, tuple)):
         raise ConfigError("EXTRA is a list of arguments, e.g. --extra=\"['--preset=cpu']\"")
+    planned = rows()
+    check_rows(planned)
     out_dir = Path(OUTPUT_DIR) / "ablate" / RUN_NAME
     out_dir.mkdir(parents=True, exist_ok=True)
-    results = [(row, run_row(row)) for row in rows()]
+    results = [(row, run_row(row)) for row in planned]
     protocol = (f"MultimodalFERLite, {N_FOLDS}-fold actor-disjoint CV over actors {ACTORS} ({DATASET}, visual input "
                 f"{VISUAL_INPUT}); validation actors from the training actors; extra args {list(EXTRA)}")
     table = markdown_table(results, protocol)
