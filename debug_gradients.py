@@ -6,7 +6,9 @@ module and step the activation statistics (max |x|, mean, fraction non-finite) a
 module whose output or gradient is non-finite and names it: module path, type, statistics of its inputs and
 output, the step. Outputs go to checkpoints/debug_gradients/<RUN_NAME>/: module_stats.jsonl (one line per module
 and step), steps.jsonl (loss, global gradient norm, loss scale), figures/grad_norm_heatmap.png (modules x steps,
-log10 gradient norm) and report.txt.
+log10 gradient norm; when no step got as far as gradients, e.g. a loss already non-finite at step 0, it is
+figures/activation_heatmap.png instead: log10 max |activation|) and report.txt. A RUN_NAME whose folder already
+holds a report is not overwritten: the outputs go to the next free name (default_2, default_3, ...), as printed.
 
 `--legacy_cause=NAME` recreates one plausible cause of the original 149M model's first-batch NaN (issue 12; the
 table in the README): the full model's legacy switches for it (with `--recipe=legacy` only) plus what the original
@@ -84,7 +86,7 @@ DEVICE = "auto"  # auto | cpu | cuda | cuda:1
 AMP_DTYPE = None  # None: the recipe's | auto | float32 | float16 | bfloat16
 SEED = 0
 # --- output ---
-RUN_NAME = "default"  # checkpoints/debug_gradients/<RUN_NAME>/
+RUN_NAME = "default"  # checkpoints/debug_gradients/<RUN_NAME>/ (taken: <RUN_NAME>_2, _3, ... instead)
 OUTPUT_DIR = "checkpoints"
 HEATMAP_MAX_MODULES = 120  # rows of the heatmap: the modules with the largest gradient norms when there are more
 
@@ -266,9 +268,28 @@ def make_batches(dataset: RavdessDataset, n_batches: int) -> Iterator[dict]:
 
 
 # ------------------------------------------------------------------------------------------------- outputs
-def heatmap_figure(monitor: ModuleMonitor, title: str, max_modules: int):
-    """The heatmap figure (matplotlib), or None without gradients: modules x steps, log10 of each module's own
-    parameter-gradient norm; non-finite cells in red, zero or absent gradients blank.
+# The heatmaps a run can draw: {monitor key: (file name, colour-bar label, legend of the red cells)}.
+HEATMAPS = {"grad_norm": ("grad_norm_heatmap.png", "log10 gradient norm (true scale)",
+                          "non-finite (incl. float16 overflows that the GradScaler skipped)"),
+            "act_max_abs": ("activation_heatmap.png", "log10 max |activation| (finite values)",
+                            "output with a non-finite value")}
+
+
+def heatmap_values(monitor: ModuleMonitor, key: str) -> tuple[list[str], list[int], list[list[float | None]]]:
+    """(modules, steps, values) of `key` for a heatmap; an activation cell with any non-finite value is inf (its
+    max |x| is over the finite values only), so that it is drawn red like a non-finite gradient."""
+    names, steps, values = monitor.grad_norm_matrix(key)
+    if key == "act_max_abs":
+        _, _, fractions = monitor.grad_norm_matrix("act_non_finite")
+        values = [[math.inf if f else v for v, f in zip(row, fraction_row)]
+                  for row, fraction_row in zip(values, fractions)]
+    return names, steps, values
+
+
+def heatmap_figure(monitor: ModuleMonitor, title: str, max_modules: int, key: str = "grad_norm"):
+    """The heatmap figure (matplotlib), or None without values: modules x steps, log10 of each module's own
+    parameter-gradient norm (or, with `key` "act_max_abs", of its largest activation); non-finite cells in red,
+    zero or absent values blank.
 
     The figure is sized from its contents (label length, modules, steps) and laid out by matplotlib's constrained
     layout, with the legend below the plot, so the title, the module names and the first row stay visible."""
@@ -276,7 +297,7 @@ def heatmap_figure(monitor: ModuleMonitor, title: str, max_modules: int):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names, steps, values = monitor.grad_norm_matrix("grad_norm")
+    names, steps, values = heatmap_values(monitor, key)
     if not names:
         return None
     # None: the module had no gradient that step (not run, frozen); NaN/inf: a non-finite gradient.
@@ -296,27 +317,30 @@ def heatmap_figure(monitor: ModuleMonitor, title: str, max_modules: int):
     image = ax.imshow(logs, aspect="auto", cmap="viridis", interpolation="nearest")
     rows, cols = np.nonzero(bad)
     if len(rows):
-        ax.scatter(cols, rows, marker="s", color="red", s=12,
-                   label="non-finite (incl. float16 overflows that the GradScaler skipped)")
+        ax.scatter(cols, rows, marker="s", color="red", s=12, label=HEATMAPS[key][2])
         fig.legend(loc="outside lower center", fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=6)
     ax.set_xticks(range(len(steps)), steps, fontsize=7)
     ax.set_xlabel("step")
     ax.set_title(textwrap.fill(title, max(40, int(width * 14))), fontsize=8)
-    fig.colorbar(image, ax=ax, label="log10 gradient norm (true scale)", fraction=0.04)
+    fig.colorbar(image, ax=ax, label=HEATMAPS[key][1], fraction=0.04)
     return fig
 
 
-def plot_heatmap(monitor: ModuleMonitor, path: Path, title: str, max_modules: int) -> Path | None:
-    """`heatmap_figure` saved as a PNG at `path`; None when there was no gradient to show."""
-    fig = heatmap_figure(monitor, title, max_modules)
-    if fig is None:
+def plot_heatmap(monitor: ModuleMonitor, folder: Path, title: str, max_modules: int) -> Path | None:
+    """The gradient-norm heatmap saved as a PNG in `folder`; the activation heatmap when no step got as far as
+    gradients (a loss non-finite at the first step); None when the monitor recorded nothing at all."""
+    for key, (name, _, _) in HEATMAPS.items():
+        fig = heatmap_figure(monitor, title, max_modules, key)
+        if fig is not None:
+            break
+    else:
         return None
     import matplotlib.pyplot as plt
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    folder.mkdir(parents=True, exist_ok=True)
+    fig.savefig(folder / name, dpi=110)
     plt.close(fig)
-    return path
+    return folder / name
 
 
 def growth_lines(monitor: ModuleMonitor, key: str, label: str, top: int = 5) -> list[str]:
@@ -389,7 +413,8 @@ def write_outputs(run: RunFolder, monitor: ModuleMonitor, steps: list[dict], hea
     lines += growth_lines(monitor, "grad_norm", "parameter-gradient norm")
     lines += largest_lines(monitor, "act_max_abs", "max |activation|")
     title = f"{header[0]}" + (f" - first non-finite: {event.module} at step {event.step}" if event else "")
-    plot_heatmap(monitor, run.dir / "figures" / "grad_norm_heatmap.png", title, HEATMAP_MAX_MODULES)
+    heatmap = plot_heatmap(monitor, run.dir / "figures", title, HEATMAP_MAX_MODULES)
+    lines.append(f"heatmap: {heatmap}" if heatmap else "heatmap: none (no module recorded any value)")
     report = "\n".join(lines) + "\n"
     (run.dir / "report.txt").write_text(report)
     return report
@@ -549,10 +574,23 @@ def replay_crash(run: RunFolder, path: Path) -> str:
     return write_outputs(run, monitor, steps, header)
 
 
+def free_run_name(folder: Path, name: str) -> str:
+    """`name`, or `name_2`, `name_3`, ... when `folder/name` already holds a report: a second run never overwrites
+    the first one's outputs (the name used is printed with the outputs)."""
+    candidate, number = name, 1
+    while (folder / candidate / "report.txt").exists():
+        number += 1
+        candidate = f"{name}_{number}"
+    if candidate != name:
+        print(f"{folder / name} holds an earlier report: this run writes to {folder / candidate}")
+    return candidate
+
+
 def main() -> None:
     if LEGACY_CAUSE:
         legacy_cause(LEGACY_CAUSE)  # a misspelt cause is reported before any folder or data is made
-    run = RunFolder("debug_gradients", RUN_NAME, root=OUTPUT_DIR)
+    run = RunFolder("debug_gradients", free_run_name(Path(OUTPUT_DIR) / "debug_gradients", RUN_NAME),
+                    root=OUTPUT_DIR)
     run.write_config({k: globals()[k] for k in config_keys(globals())})
     if REPLAY:
         report = replay_crash(run, Path(REPLAY))

@@ -173,6 +173,26 @@ def test_debug_gradients_legacy_cause_names_its_module_in_the_report(tiny_cache,
     assert "step 0, forward of fusion.blocks.1.operator.attention (ScaledDotProductAttention)" in report
 
 
+def test_debug_gradients_never_overwrites_a_report_and_always_draws_a_heatmap(tiny_cache, tmp_path, monkeypatch,
+                                                                              capsys):
+    # mask_fill makes the loss non-finite at step 0, before any gradient: the heatmap is of the activations.
+    for key, value in {"MODEL": "full", "RECIPE": "legacy", "LEGACY_CAUSE": "mask_fill", "MODEL_CONFIG": TINY_FULL,
+                       "DATA": "cache", "CACHE_DIR": str(tiny_cache), "STEPS": 1, "BATCH_SIZE": 4,
+                       "OUTPUT_DIR": str(tmp_path), "RUN_NAME": "default"}.items():
+        monkeypatch.setattr(debug_gradients, key, value)
+    debug_gradients.main()
+    first = tmp_path / "debug_gradients" / "default"
+    report = (first / "report.txt").read_text()
+    assert_png(first / "figures" / "activation_heatmap.png")
+    assert f"heatmap: {first / 'figures' / 'activation_heatmap.png'}" in report
+    monkeypatch.setattr(debug_gradients, "STEPS", 2)
+    debug_gradients.main()  # the same command again
+    second = tmp_path / "debug_gradients" / "default_2"
+    assert (first / "report.txt").read_text() == report and (second / "report.txt").is_file()
+    out = capsys.readouterr().out
+    assert f"{first} holds an earlier report: this run writes to {second}" in out and f"outputs in {second}" in out
+
+
 def test_replay_of_a_crash_dump_names_the_first_non_finite_module(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     model = build_model("simple", TINY_SIMPLE)
