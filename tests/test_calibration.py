@@ -252,3 +252,14 @@ def test_visualize_attention_calibrates_a_cache_clip_as_in_training(tmp_path, mo
         visualize_attention.main()
     std = np.sqrt(rows.std(0) ** 2 + (0.1 * 5.0) ** 2)  # the person's std, floored at a tenth of the population's
     torch.testing.assert_close(seen[0][0], torch.from_numpy((rows[0] - rows.mean(0)) / std), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(shared_data_dir() is None, reason="../shared is absent")
+def test_face_colour_statistics_differ_more_between_people_than_within_a_clip(monkeypatch):
+    """The measurement behind the per-person frame normalisation, on the real portraits and clip."""
+    from benchmarks import frame_calibration_check
+
+    monkeypatch.setattr(frame_calibration_check, "SAMPLE_DIR", str(shared_data_dir() / "ravdess_video_sample"))
+    result = frame_calibration_check.main()
+    assert result["actors"] == 20 and result["clip_frames"] == 99
+    assert (result["between_actors_std"] > 5 * result["within_clip_std"]).all()
