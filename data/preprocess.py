@@ -376,8 +376,8 @@ def clip_entry(clip: Clip, root: Path, settings: Settings) -> dict:
 
 def process_clip(clip: Clip, root: Path, settings: Settings) -> tuple[dict, dict[str, np.ndarray]]:
     """The manifest entry and arrays of one clip. A modality whose source has no usable content (no sound track,
-    zero-length or silent audio) is left out and noted; unreadable files and clips with nothing usable raise
-    ClipError."""
+    zero-length or silent audio) or cannot be read (a corrupt or truncated file) is left out and noted, so a
+    broken mp4 does not cost the take its good wav; a clip with nothing usable raises ClipError."""
     entry = clip_entry(clip, root, settings)
     arrays: dict[str, np.ndarray] = {}
     audio = clip.audio_source if "audio" in settings.modalities else None
@@ -386,12 +386,15 @@ def process_clip(clip: Clip, root: Path, settings: Settings) -> tuple[dict, dict
         try:
             arrays["logmel"] = audio_features(audio, settings)
             entry["has_audio"] = True
-        except NoSound as e:
+        except ClipError as e:  # NoSound included
             entry["notes"].append(f"audio absent: {e}")
     if video is not None:
-        arrays["frames"], entry["face_found"] = video_features(video, settings)
-        entry["has_video"] = True
-        if not entry["face_found"]:
+        try:
+            arrays["frames"], entry["face_found"] = video_features(video, settings)
+            entry["has_video"] = True
+        except ClipError as e:
+            entry["notes"].append(f"video absent: {e}")
+        if entry["face_found"] is False:
             entry["notes"].append("no face found: centre crop")
     if not arrays:
         wanted = " or ".join(settings.modalities)

@@ -175,19 +175,31 @@ def bad_result(bad_root, tmp_path_factory):
 def test_bad_inputs_are_failures_with_reasons_or_notes_never_a_crash(bad_result):
     summary, cache = bad_result
     failures = dict(summary.failures)
-    assert failures.keys() == {"01-01-01-01-01-05", "01-02-01-01-01-05", "01-03-01-01-01-05",
-                               "01-05-01-01-01-05", "01-07-01-01-01-05"}
-    assert "cannot open video" in failures["01-01-01-01-01-05"]                  # corrupt
-    # truncated with the index at the end: ffmpeg cannot even open it
+    assert failures.keys() == {"01-02-01-01-01-05", "01-05-01-01-01-05", "01-07-01-01-01-05"}
+    # truncated with the index at the end, and no wav: ffmpeg cannot even open it, for the sound or the frames
     assert "cannot read 01-01-02-01-01-01-05.mp4: Invalid data" in failures["01-02-01-01-01-05"]
-    assert "ended after" in failures["01-03-01-01-01-05"]                        # truncated, index at the start
     assert "zero-length" in failures["01-05-01-01-01-05"]                        # nothing else to use
     assert "cannot read" in failures["01-07-01-01-01-05"]                        # empty file
     assert not any((cache / "clips" / f"{c}.npz").exists() for c in failures)
-    assert summary.n_clips == 9 and len(entries(cache)) == 4
+    assert summary.n_clips == 9 and len(entries(cache)) == 6
     assert len(summary.skipped_files) == 1 and "03-01-09-01-01-01-05.wav" in summary.skipped_files[0][0]
     manifest = load_manifest(cache)
     assert {f["clip_id"] for f in manifest["failures"]} == failures.keys()
+
+
+def test_an_unreadable_mp4_costs_only_the_video_of_its_take(bad_result):
+    """Issue 26: a take whose mp4 is corrupt or truncated keeps its good wav (an audio-only run used to lose it)."""
+    summary, cache = bad_result
+    e = entries(cache)
+    corrupt, truncated = e["01-01-01-01-01-05"], e["01-03-01-01-01-05"]
+    assert corrupt["has_audio"] and not corrupt["has_video"] and corrupt["face_found"] is None
+    assert corrupt["notes"] == ["video absent: cannot open video 01-01-01-01-01-01-05.mp4 (corrupt, truncated or "
+                                "not a video)"]
+    assert truncated["has_audio"] and not truncated["has_video"]
+    assert "video absent:" in truncated["notes"][0] and "ended after" in truncated["notes"][0]
+    with np.load(cache / "clips/01-01-01-01-01-05.npz") as z:
+        assert "logmel" in z.files and "frames" not in z.files  # absent, not zero-filled
+    assert "video absent: cannot open video" in str(summary)
 
 
 def test_missing_sound_and_missing_face_are_marked_and_listed(bad_result):
@@ -201,7 +213,7 @@ def test_missing_sound_and_missing_face_are_marked_and_listed(bad_result):
         assert "logmel" not in z.files  # absent, not zero-filled
     text = str(summary)
     assert "no face found: centre crop" in text and "01-08-01-01-01-05" in text and "clips/s" in text
-    assert "5 failures" in text and "skipped files (1)" in text
+    assert "3 failures" in text and "skipped files (1)" in text
 
 
 def test_missing_root_and_root_without_ravdess_files(tmp_path):
