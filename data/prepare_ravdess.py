@@ -2,8 +2,11 @@
 
 Finds every RAVDESS file under ROOT in any folder layout (Zenodo zips extracted anywhere, a Drive folder, the
 16 kHz FLAC copy in shared/), groups the 01-/02-/03- files of a take into one clip, and writes CACHE
-(docs/internals.md). Rerunning skips finished clips; the closing summary lists failures, clips without a face or
-without sound, and the throughput in clips/s. See data/preprocess.py for what happens to one clip.
+(docs/internals.md). Rerunning skips finished clips; the closing summary lists failures (input files that cannot be
+used), clips without a face or without sound, and the throughput in clips/s. Several processes may run on one cache
+at once (they take turns: "waiting for another process ..."); a clip that cannot be written to the cache (disk full,
+permissions) ends the run with an error naming it and exit status 2. See data/preprocess.py for what happens to one
+clip.
 
     python data/prepare_ravdess.py --root=~/data/RAVDESS --cache=cache/ravdess
     python data/prepare_ravdess.py --root=../shared/data/ravdess_speech_16k --cache=cache/ravdess16k

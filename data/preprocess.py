@@ -12,14 +12,21 @@ Layout (docs/internals.md): `<cache>/manifest.json` (settings, one entry per cli
 `<cache>/clips/<clip_id>.npz` (`logmel` float32 (64, T), `frames` uint8 (N, S, S, 3) RGB, `meta` = the entry as
 JSON). A missing modality is absent from the npz and marked false in the entry, never filled with zeros.
 
+Several processes may prepare one cache at once (parallel folds, two `tune.py`, two notebooks on one Drive
+folder): the first takes `<cache>/.prepare.lock` (flock, which Linux also honours across NFS clients) and the others
+wait for it, then find the clips done. Each temp file carries its writer's host and pid, and only those of dead
+writers are removed. A clip that cannot be written to the cache stops the run with an error naming it.
+
 The script `data/prepare_ravdess.py` is the command-line front end of `prepare_cache`.
 """
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -37,8 +44,13 @@ import torch
 import torchaudio
 from tqdm import tqdm
 
-from data.ravdess import Clip, DataError, scan
-from training.files import atomic_write, atomic_write_text
+from data.ravdess import Clip, DataError, Discovery, scan
+from training.files import atomic_write_text
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; preparation then relies on the owned temp files alone
+    fcntl = None
 
 CACHE_VERSION = 1
 # Audio features: fixed by docs/internals.md (models are built for 64 mel bands at 16 kHz, 10 ms hop).
@@ -54,6 +66,15 @@ FACE_WIDTH = 256     # px, detection runs on frames downscaled to this width (a 
 FACE_MARGIN = 1.25   # crop side = FACE_MARGIN x the detected face box side
 FRAME_SHORTFALL = 0.05  # a video may end this fraction of its declared frame count early (container rounding)
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".webm", ".mkv", ".m4v")  # sound tracks are read with ffmpeg
+# Several processes on one cache.
+LOCK_NAME = ".prepare.lock"  # file in the cache folder that one preparing process at a time holds (flock)
+WAIT_NOTICE_SECONDS = 1.0    # s, a lock held longer than this gets the "waiting for another process" line
+STALE_TEMP_SECONDS = 3600    # s, a temp file this old is a dead writer's even when its owner cannot be checked
+HOST = socket.gethostname()
+
+
+class CacheWriteError(DataError):
+    """A clip could not be written to the cache (disk full, permissions, a vanished folder): the run stops."""
 
 
 class ClipError(Exception):
@@ -403,14 +424,65 @@ def process_clip(clip: Clip, root: Path, settings: Settings) -> tuple[dict, dict
     return entry, arrays
 
 
+def temp_name(path: Path) -> Path:
+    """The writer's own temp name for `path`: `<name>.<host>.<pid>.tmp`, so that a process never takes another's
+    file for a dead one's (`is_stale_temp`)."""
+    return path.with_name(f"{path.name}.{HOST}.{os.getpid()}.tmp")
+
+
+def temp_owner(tmp: Path) -> tuple[str, int] | None:
+    """(host, pid) of a temp file named by `temp_name`, or None for another name."""
+    stem, dot, suffix = tmp.name.rpartition(".")
+    rest, _, pid = stem.rpartition(".")
+    name, _, host = rest.partition(".npz.")
+    if suffix != "tmp" or not (dot and name and host and pid.isdigit()):
+        return None
+    return host, int(pid)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def is_stale_temp(tmp: Path) -> bool:
+    """True for a temp file whose writer is gone: its pid on this host no longer exists, or it is older than
+    STALE_TEMP_SECONDS (another machine's writer, or a name without an owner). A live writer's file is kept."""
+    try:
+        age = time.time() - tmp.stat().st_mtime
+    except FileNotFoundError:  # its writer renamed it meanwhile
+        return False
+    owner = temp_owner(tmp)
+    if owner is not None and owner[0] == HOST and not _alive(owner[1]):
+        return True
+    return age > STALE_TEMP_SECONDS
+
+
+def remove_stale_temps(clips_dir: Path) -> list[Path]:
+    """Remove the temp files of writers that are gone (killed runs); return them."""
+    stale = [tmp for tmp in clips_dir.glob("*.tmp") if is_stale_temp(tmp)]
+    for tmp in stale:
+        tmp.unlink(missing_ok=True)
+    return stale
+
+
 def write_clip(clips_dir: Path, entry: dict, arrays: dict[str, np.ndarray]) -> None:
-    """Write `<clip_id>.npz` atomically: a temp name first, then a rename, so an interrupted run leaves no
-    half-written file that a rerun would take as finished."""
-    def write(tmp: Path) -> None:
+    """Write `<clip_id>.npz` atomically: the writer's own temp name first, then a rename, so an interrupted run
+    leaves no half-written file that a rerun would take as finished (its temp file goes on a later run)."""
+    path = clips_dir / f"{entry['clip_id']}.npz"
+    tmp = temp_name(path)
+    try:
         with open(tmp, "wb") as f:
             np.savez(f, meta=np.array(json.dumps(entry)), **arrays)
-
-    atomic_write(clips_dir / f"{entry['clip_id']}.npz", write)  # a killed process's temp file goes next run
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_meta(npz_path: Path) -> dict | None:
@@ -492,16 +564,69 @@ def single_threaded() -> Iterator[None]:
         cv2.setNumThreads(cv_threads)
 
 
+_held_locks: set[str] = set()  # lock files this process holds (cache_lock is re-entrant within a process)
+
+
+@contextmanager
+def cache_lock(cache_dir: Path, log: Callable[[str], None] = print) -> Iterator[None]:
+    """Hold the preparation lock of `cache_dir` for the block; another process that holds it is waited for, with
+    one line saying so. Re-entrant in one process (data/setup.py holds it around generating the synthetic set and
+    preparing its cache). Where the file system has no locks, preparation goes on unlocked: the owned temp files
+    still keep each process's writes safe, only the work may be done twice."""
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = str((cache_dir / LOCK_NAME).resolve())
+    if path in _held_locks:
+        yield
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        _acquire(fd, cache_dir, log)
+        _held_locks.add(path)
+        try:
+            yield
+        finally:
+            _held_locks.discard(path)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _acquire(fd: int, cache_dir: Path, log: Callable[[str], None]) -> None:
+    if fcntl is None:
+        return
+    deadline = time.monotonic() + WAIT_NOTICE_SECONDS
+    try:
+        # Poll briefly before saying anything: parallel folds on a finished cache each hold it for a moment.
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
+        log(f"waiting for another process to finish preparing {cache_dir} ...")
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as e:
+        if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        log(f"note: {cache_dir} does not support file locks ({e.strerror}); preparing without one")
+
+
 def _process_one(clip: Clip, root: Path, settings: Settings, clips_dir: Path) -> tuple[str, dict | str]:
-    """Worker body: ('ok', entry) or ('failed', reason); never raises for a bad clip."""
+    """Worker body: ('ok', entry), ('failed', reason) for a clip whose input files are unusable, or
+    ('write_failed', reason) when the cache itself could not take the clip. Never raises."""
     try:
         entry, arrays = process_clip(clip, root, settings)
-        write_clip(clips_dir, entry, arrays)
-        return "ok", entry
     except ClipError as e:
         return "failed", str(e)
     except Exception as e:  # an unexpected decoder error must not stop the other 1199 clips
         return "failed", f"{type(e).__name__}: {e}"
+    try:
+        write_clip(clips_dir, entry, arrays)
+    except Exception as e:  # disk full, permissions, a folder removed under us: the cache is broken, not the clip
+        return "write_failed", f"{type(e).__name__}: {e}"
+    return "ok", entry
 
 
 def prepare_cache(root: str | os.PathLike, cache_dir: str | os.PathLike, *, channel: str = "speech",
@@ -511,8 +636,10 @@ def prepare_cache(root: str | os.PathLike, cache_dir: str | os.PathLike, *, chan
     """Preprocess every clip under `root` into `cache_dir`; return the summary (also logged).
 
     Resumable: clips already in the cache from the same sources with the same settings are skipped, failed clips
-    are retried. `workers` processes (default: one per CPU; 0 or 1 runs in this process). Raises DataError for
-    user mistakes (missing root, no RAVDESS files, a cache made with other settings).
+    are retried. `workers` processes (default: one per CPU; 0 or 1 runs in this process). Safe for several
+    processes at once: they take turns (`cache_lock`). Raises DataError for user mistakes (missing root, no
+    RAVDESS files, a cache made with other settings) and CacheWriteError, naming the clip, when a clip cannot be
+    written (the manifest then stays incomplete, and a rerun redoes what is missing).
     """
     modalities = tuple(modalities)
     unknown = set(modalities) - {"audio", "video"}
@@ -522,13 +649,19 @@ def prepare_cache(root: str | os.PathLike, cache_dir: str | os.PathLike, *, chan
     start = time.perf_counter()
     root, cache_dir = Path(root).expanduser(), Path(cache_dir).expanduser()
     found = scan(root, channel)
+    with cache_lock(cache_dir, log):
+        return _prepare_locked(found, root, cache_dir, settings, workers, progress, log, start)
+
+
+def _prepare_locked(found: Discovery, root: Path, cache_dir: Path, settings: Settings, workers: int | None,
+                    progress: bool, log: Callable[[str], None], start: float) -> Summary:
+    """`prepare_cache` once this process holds the cache's lock."""
     summary = Summary(cache_dir, n_clips=len(found.clips),
                       skipped_files=[(str(p), why) for p, why in found.skipped])
     clips_dir = cache_dir / "clips"
     clips_dir.mkdir(parents=True, exist_ok=True)
     _check_settings(cache_dir, settings)
-    for stale in clips_dir.glob("*.tmp"):  # left by an interrupted run
-        stale.unlink()
+    remove_stale_temps(clips_dir)  # left by killed runs; a live writer's (another machine's, unlocked) stays
 
     entries, todo = [], []
     for clip in found.clips:
@@ -545,7 +678,7 @@ def prepare_cache(root: str | os.PathLike, cache_dir: str | os.PathLike, *, chan
     if not finished:
         write_manifest(cache_dir, settings, entries, [], complete=False, root=root)
 
-    results = _run_all(todo, root, settings, clips_dir, workers, progress)
+    results = _run_all(todo, root, settings, clips_dir, workers, progress)  # CacheWriteError stops the run here
     for clip, (status, result) in zip(todo, results):
         if status == "ok":
             entries.append(result)
@@ -568,19 +701,35 @@ def _run_all(todo: list[Clip], root: Path, settings: Settings, clips_dir: Path, 
     workers = (os.cpu_count() or 1) if workers is None else workers
     bar = tqdm(total=len(todo), desc="preprocessing", unit="clip", disable=not progress or not todo)
     results: list[tuple[str, dict | str] | None] = [None] * len(todo)
-    if workers <= 1 or len(todo) <= 1:
-        with single_threaded():
-            for i, clip in enumerate(todo):
-                results[i] = _process_one(clip, root, settings, clips_dir)
-                bar.update()
-    else:
-        # spawn, not fork: forking a parent whose torch/OpenMP threads are running can deadlock the children.
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_start_worker,
-                                 initargs=(os.getpid(),)) as pool:
-            futures = {pool.submit(_process_one, clip, root, settings, clips_dir): i for i, clip in enumerate(todo)}
-            for future in as_completed(futures):
-                results[futures[future]] = future.result()
-                bar.update()
-    bar.close()
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            with single_threaded():
+                for i, clip in enumerate(todo):
+                    results[i] = _check_written(clip, _process_one(clip, root, settings, clips_dir), clips_dir)
+                    bar.update()
+        else:
+            # spawn, not fork: forking a parent whose torch/OpenMP threads are running can deadlock the children.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context, initializer=_start_worker,
+                                     initargs=(os.getpid(),)) as pool:
+                futures = {pool.submit(_process_one, clip, root, settings, clips_dir): i
+                           for i, clip in enumerate(todo)}
+                try:
+                    for future in as_completed(futures):
+                        i = futures[future]
+                        results[i] = _check_written(todo[i], future.result(), clips_dir)
+                        bar.update()
+                except CacheWriteError:
+                    pool.shutdown(wait=True, cancel_futures=True)  # the clips not started would fail alike
+                    raise
+    finally:
+        bar.close()
     return results
+
+
+def _check_written(clip: Clip, result: tuple[str, dict | str], clips_dir: Path) -> tuple[str, dict | str]:
+    """The result of a clip, or CacheWriteError naming it when the cache could not take it."""
+    if result[0] == "write_failed":
+        raise CacheWriteError(f"could not write clip {clip.clip_id} to {clips_dir}: {result[1]}; the cache is "
+                              f"incomplete (free space or fix the folder, then rerun: finished clips are kept)")
+    return result

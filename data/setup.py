@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from data.calibration import CalibrationSettings
 from data.dataset import AudioAugment, build_datasets, load_manifest, make_loaders, shift_step_frames
-from data.preprocess import prepare_cache
+from data.preprocess import cache_lock, prepare_cache
 from data.ravdess import EMOTIONS, DataError, Split, kfold_split, split_actors
 from data.synthetic import make_synthetic_ravdess
 from training import distributed
@@ -153,8 +153,9 @@ def run_data_settings(run_config: dict) -> DataSettings | None:
 def prepare_data(settings: DataSettings) -> Path:
     """The cache folder for `settings`, preprocessing (or, for 'synthetic', generating) the data on first use.
 
-    Under torchrun rank 0 prepares while the others wait; across nodes the cache must be on a shared file system
-    (or prepared on each node beforehand with one process)."""
+    Under torchrun rank 0 prepares while the others wait. Independent processes (two tune.py, parallel folds, two
+    notebooks on one Drive cache) take turns through the cache's lock (data.preprocess.cache_lock), on one machine
+    or across machines that share the cache's file system."""
     _check(settings)
     if distributed.is_main():
         _prepare(settings)
@@ -164,26 +165,33 @@ def prepare_data(settings: DataSettings) -> Path:
 
 def _prepare(settings: DataSettings) -> None:
     root, cache, n_frames, size = cache_plan(settings)
+    # The cache always holds every modality the files have; MODALITIES only selects what the model sees.
+    cache_args = dict(channel=settings.channel, n_frames=n_frames, size=size, workers=settings.prepare_workers or None)
     if settings.dataset == "synthetic":
         # The generated media only feed the cache: once it is complete they are deleted (the quick start would
         # otherwise leave ~100 MB in the output folder), and regenerated, identical, only to rebuild the cache.
         if _is_complete(cache):
             return
-        print(f"generating the synthetic RAVDESS-format quick-start set in {root} ...")
-        # 16 kHz is the rate training uses: a 48 kHz wav would only triple the disk space.
-        make_synthetic_ravdess(root, actors=SYNTHETIC_ACTORS, seconds=3.6, sample_rate=16000)
-    elif not root.exists():
+        # Held from generation to deletion: two processes must not write the media of one folder at once, nor
+        # one delete them while the other still reads them.
+        with cache_lock(cache):
+            if _is_complete(cache):  # made by the process this one waited for
+                return
+            print(f"generating the synthetic RAVDESS-format quick-start set in {root} ...")
+            # 16 kHz is the rate training uses: a 48 kHz wav would only triple the disk space.
+            make_synthetic_ravdess(root, actors=SYNTHETIC_ACTORS, seconds=3.6, sample_rate=16000)
+            prepare_cache(root, cache, **cache_args)  # re-enters the lock this process holds
+            shutil.rmtree(root)
+        return
+    if not root.exists():
         raise DataError(f"DATA_ROOT {root} does not exist (see README: Getting RAVDESS)")
-    elif not root.is_dir():
+    if not root.is_dir():
         raise DataError(f"DATA_ROOT {root} is a file: give the folder that holds the RAVDESS files")
-    # The cache always holds every modality the files have; MODALITIES only selects what the model sees.
-    prepare_cache(root, cache, channel=settings.channel, n_frames=n_frames, size=size,
-                  workers=settings.prepare_workers or None)
-    if settings.dataset == "synthetic":
-        shutil.rmtree(root)
+    prepare_cache(root, cache, **cache_args)  # takes the cache's lock itself
 
 
 def _is_complete(cache: Path) -> bool:
+    """True once a preparation of `cache` finished (its manifest says so)."""
     try:
         return bool(json.loads((cache / "manifest.json").read_text()).get("complete"))
     except (OSError, ValueError):

@@ -222,30 +222,36 @@ def _write_actor(root: Path, takes: list[Take], files: tuple[str, ...], width: i
                  seconds: float, sample_rate: int, codec: str, seed: int) -> list[Path]:
     folder = root / f"Actor_{takes[0].actor:02d}"
     folder.mkdir(parents=True, exist_ok=True)
-    written, jobs = [], []
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp") as tmp:
+    outputs, jobs = [], []  # every file is written in this call's own temp folder, then renamed into place
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".tmp") as tmp_dir:
+        tmp = Path(tmp_dir)
         for take in takes:
-            wav = folder / f"{take.name(3)}.wav" if "audio" in files else Path(tmp) / f"{take.name(3)}.wav"
+            wav = tmp / f"{take.name(3)}.wav"
             sf.write(wav, render_audio(take, seconds, sample_rate, seed), sample_rate, subtype="PCM_16")
             if "audio" in files:
-                written.append(wav)
+                outputs.append(wav)
             if "av" in files or "video" in files:
                 # OpenCV's MPEG-4 output is already a valid video-only mp4: the 02- file itself unless re-encoded.
                 keep_raw = "video" in files and codec == "copy"
-                raw = (folder if keep_raw else Path(tmp)) / f"{take.name(2)}.mp4"
+                raw = tmp / (f"{take.name(2)}.mp4" if keep_raw else f"raw-{take.name(2)}.mp4")
                 writer = cv2.VideoWriter(str(raw), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
                 for frame in render_frames(take, width, height, int(round(seconds * fps)), fps, seed):
                     writer.write(frame)
                 writer.release()
                 if keep_raw:
-                    written.append(raw)
+                    outputs.append(raw)
                 elif "video" in files:
-                    jobs.append((raw, None, folder / f"{take.name(2)}.mp4"))
+                    jobs.append((raw, None, tmp / f"{take.name(2)}.mp4"))
                 if "av" in files:
-                    jobs.append((raw, wav, folder / f"{take.name(1)}.mp4"))
+                    jobs.append((raw, wav, tmp / f"{take.name(1)}.mp4"))
         if jobs:
             _ffmpeg_mux(jobs, codec)
-            written += [out for _, _, out in jobs]
+            outputs += [out for _, _, out in jobs]
+        # Renamed only once complete: another process reading or writing the same folder never meets a half-written
+        # mp4 (two writers at once used to break each other's files: "moov atom not found").
+        written = [folder / out.name for out in outputs]
+        for out, final in zip(outputs, written):
+            os.replace(out, final)
     return written
 
 

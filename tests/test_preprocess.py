@@ -234,7 +234,8 @@ def test_rerun_skips_finished_clips_and_redoes_missing_ones(synthetic_root, tmp_
     cache = tmp_path / "cache"
     assert prepare(tmp_path / "root", cache).n_new == 2
     (cache / "clips" / f"{TAKE}.npz").unlink()
-    (cache / "clips" / "stale.123.tmp").write_bytes(b"half")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (cache / "clips" / f"{TAKE}.npz.{preprocess.HOST}.{int(dead.stdout)}.tmp").write_bytes(b"half")  # killed run's
     again = prepare(tmp_path / "root", cache)
     assert (again.n_new, again.n_cached) == (1, 1) and not list((cache / "clips").glob("*.tmp"))
     with pytest.raises(DataError, match="other settings.*size: 112 -> 64"):
