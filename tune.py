@@ -11,8 +11,11 @@ validation actors, averaged over SEARCH_FOLDS.
 
 The study lives in Optuna's storage: a journal file in the study folder by default, or an RDB URL
 (`--storage=postgresql://...`), so several `python tune.py` processes, on one machine or many, share one study and
-N_TRIALS counts the trials of all of them. Rerunning the same command resumes: a trial whose process died on this
-machine is queued again with the same parameters and its runs resume from their last checkpoint. When the trials
+N_TRIALS counts the trials of all of them. Before its first trial each process prepares the data once (the cache, or
+the synthetic set; one process works while the others wait for it). Rerunning the same command resumes: a trial
+whose process died on this machine is queued again with the same parameters and its runs resume from their last
+checkpoint; so is a trial that failed for a reason other than its parameters (a crash, I/O; not a non-finite loss),
+which uses no budget (TRIAL_RETRIES). When the trials
 are done, the study folder holds trials.csv, best_args.txt (the best constants as a `--key=value` line) and PNG
 plots (optimisation history, parameter importances); then (EVALUATE_BEST) the last process to finish runs the best
 configuration once in the usual cross-validation with the test folds (the README rows' protocol, EVALUATE_PROCESSES
@@ -93,6 +96,10 @@ PRUNER_STARTUP_TRIALS = 4  # "median" prunes nothing until this many trials have
 PRUNE_AFTER_EPOCHS = 3  # never prune in the first epochs of a fold (their validation metric is noise)
 PRUNE_BELOW = 0.2  # "threshold": e.g. 0.2 stops trials stuck near chance (0.125)
 POLL_SECONDS = 2.0  # how often a running fold's log.jsonl is read
+# A trial that failed for a reason other than its parameters (a crash, I/O, the data; not a non-finite loss) is
+# queued again with the same parameters and uses no budget: this process retries it up to TRIAL_RETRIES times in a
+# row, then stops, and the next run of tune.py takes it up again.
+TRIAL_RETRIES = 2
 
 # ---- final evaluation
 EVALUATE_BEST = True  # after the search: the best configuration once in the usual CV over N_FOLDS with test folds
@@ -114,10 +121,17 @@ CONTROLLED = ("actors", "test_actors", "val_actors", "fold", "n_folds", "n_val_a
               "select_metric")
 EPOCH_STRIDE = 1000  # report step = fold position x EPOCH_STRIDE + epoch, so a pruner compares the same fold
 HOST = socket.gethostname()
+REPO = Path(__file__).resolve().parent
 
 
 class TrialFailed(RuntimeError):
-    """A run of a trial ended with an error that is not the user's (e.g. a non-finite loss)."""
+    """A run of a trial ended with an error that is not the user's. `model_failure`: the parameters' fault (a
+    non-finite loss, with its crash dump), which uses up the trial; else a crash, I/O or data problem, which queues
+    the trial again."""
+
+    def __init__(self, message: str, model_failure: bool = False) -> None:
+        super().__init__(message)
+        self.model_failure = model_failure
 
 
 # ------------------------------------------------------------------------------------------------ settings
@@ -132,11 +146,13 @@ def script_path() -> Path:
 
 
 def script_constants(path: Path) -> set[str]:
-    """The lower-case names of the script's top-level UPPER_SNAKE constants, read without importing it."""
+    """The lower-case names of the script's top-level UPPER_SNAKE constants, read without importing it; private
+    names (`_ADDED_CONSTANTS`) are not options and are left out."""
     names = set()
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.Assign):
-            names.update(t.id.lower() for t in node.targets if isinstance(t, ast.Name) and t.id.isupper())
+            names.update(t.id.lower() for t in node.targets
+                         if isinstance(t, ast.Name) and t.id.isupper() and not t.id.startswith("_"))
     return names
 
 
@@ -146,9 +162,31 @@ def _arg_key(arg: str) -> str:
     return arg[2:].split("=", 1)[0].replace("-", "_").lower()
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_range(key: str, spec: tuple) -> None:
+    """A ('log' | 'float' | 'int', low, high[, step]) entry of SEARCH_SPACE: numbers, low < high, low > 0 for 'log',
+    whole numbers and a positive step for 'int' (Optuna would otherwise fail inside the first trial)."""
+    kind = spec[0]
+    usage = f"SEARCH_SPACE['{key}'] = {spec!r}: write ('{kind}', low, high"
+    if not (len(spec) in (3, 4) and all(_is_number(v) for v in spec[1:]) and spec[1] < spec[2]):
+        raise ConfigError(f"{usage}{', step' if kind == 'int' else ''}) with numbers low < high")
+    if len(spec) == 4 and kind != "int":
+        raise ConfigError(f"{usage}); a step is only for 'int'")
+    if kind == "log" and spec[1] <= 0:
+        raise ConfigError(f"{usage}) with 0 < low (a log-uniform range cannot start at {spec[1]})")
+    if kind == "int" and not (all(float(v).is_integer() for v in spec[1:]) and (len(spec) == 3 or spec[3] > 0)):
+        raise ConfigError(f"{usage}[, step]) with whole numbers and a positive step")
+
+
 def check_settings(script: Path) -> None:
     """Every choice and every search key checked before any trial runs: one line per mistake."""
     known = script_constants(script)
+    if not isinstance(SEARCH_SPACE, dict) or not SEARCH_SPACE:
+        raise ConfigError(f"SEARCH_SPACE must be a non-empty dict such as \"{{'lr': ('log', 1e-4, 1e-2)}}\", "
+                          f"got {SEARCH_SPACE!r}")
     for key, spec in SEARCH_SPACE.items():
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1)
@@ -161,8 +199,8 @@ def check_settings(script: Path) -> None:
             raise ConfigError(f"SEARCH_SPACE['{key}'] = {spec!r}: the first item must be one of {DISTRIBUTIONS}")
         if kind == "choice" and not (len(spec) == 2 and isinstance(spec[1], (tuple, list)) and spec[1]):
             raise ConfigError(f"SEARCH_SPACE['{key}'] = {spec!r}: write ('choice', (value, value, ...))")
-        if kind != "choice" and not (len(spec) in (3, 4) and spec[1] < spec[2]):
-            raise ConfigError(f"SEARCH_SPACE['{key}'] = {spec!r}: write ('{kind}', low, high) with low < high")
+        if kind != "choice":
+            check_range(key, spec)
     for arg in TRAIN_ARGS:
         key = _arg_key(arg)
         if key in CONTROLLED:
@@ -233,6 +271,38 @@ def make_pruner():
     if PRUNER == "threshold":
         return optuna.pruners.ThresholdPruner(lower=PRUNE_BELOW)
     return optuna.pruners.NopPruner()
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+def prepare_data_once(script: Path) -> None:
+    """Prepare the trials' data (the cache; the synthetic set for DATASET='synthetic') before the first trial, in a
+    process that reads TRAIN_ARGS as TRAIN_SCRIPT does (`prepare_child`). Every tune.py process of the study does
+    this; the cache's lock lets one work while the others wait, so no trial ever fails on half-prepared data."""
+    command = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); import tune; "
+               f"tune.prepare_child(sys.argv[1], sys.argv[2:])", str(script), *TRAIN_ARGS, f"--output_dir={OUTPUT_DIR}"]
+    returncode = subprocess.run(command, stdin=subprocess.DEVNULL).returncode
+    if returncode == 2:  # a user mistake (e.g. DATA_ROOT), already told in one error: line by the child
+        raise SystemExit(2)
+    if returncode != 0:
+        raise TrialFailed(f"preparing the data with {script.name} {' '.join(TRAIN_ARGS)} failed (exit status "
+                          f"{returncode}, output above); no trial was run")
+
+
+def prepare_child(script: str, args: list[str]) -> None:
+    """Body of `prepare_data_once`'s process: the training script's constants with `args` applied (presets
+    included, as its own command line would), then only its data preparation (data.setup.prepare_data)."""
+    import importlib.util
+
+    from data.setup import prepare_data, settings_from_constants
+    from training.config import config_keys
+
+    spec = importlib.util.spec_from_file_location("tune_train_script", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # a script does nothing on import but define its constants
+    namespace = vars(module)
+    run_script(lambda: prepare_data(settings_from_constants({k: namespace[k] for k in config_keys(namespace)})),
+               namespace, args, user_errors=(DataError,))
 
 
 # ------------------------------------------------------------------------------------------------ trials
@@ -365,6 +435,13 @@ def _last_line(path: Path) -> str:
     return (errors or lines or ["(no output)"])[-1].strip()
 
 
+def _crash_dump_since(run_dir: Path | None, since: float) -> bool:
+    """Whether the run saved a crash dump (a non-finite loss: training/progress.crash_exit) after `since`."""
+    if run_dir is None or not (run_dir / "crash").is_dir():
+        return False
+    return any(dump.stat().st_mtime >= since - 1 for dump in (run_dir / "crash").iterdir())
+
+
 def run_fold(trial, position: int, fold: int, split: Split, inner_val: tuple[int, ...], params: dict,
              script: Path) -> float:
     """Train one fold of a trial in its own process; report each epoch; return METRIC on the fold's val actors."""
@@ -378,6 +455,7 @@ def run_fold(trial, position: int, fold: int, split: Split, inner_val: tuple[int
                f"--select_metric={METRIC}"]
     log_path = study_dir() / "logs" / f"trial{run_id:04d}_fold{fold}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
@@ -411,15 +489,16 @@ def run_fold(trial, position: int, fold: int, split: Split, inner_val: tuple[int
                           f"(log: {log_path})")
     if process.returncode != 0 or run_dir is None or not (run_dir / "metrics.json").exists():
         raise TrialFailed(f"fold {fold} exited with status {process.returncode}: {_last_line(log_path)} "
-                          f"(log: {log_path})")
+                          f"(log: {log_path})", model_failure=_crash_dump_since(run_dir, started))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     if sorted(metrics["test_actors"]) != sorted(split.val):  # the held-out actors must be the fold's validation actors
         raise TrialFailed(f"{run_dir}/metrics.json scored actors {metrics['test_actors']}, expected {list(split.val)}")
     return float(metrics[METRIC])
 
 
-def run_trial(study, trial, splits: list, script: Path) -> None:
-    """All folds of one trial, then tell the study: COMPLETE with the mean, PRUNED, or FAIL."""
+def run_trial(study, trial, splits: list, script: Path) -> bool:
+    """All folds of one trial, then tell the study: COMPLETE with the mean, PRUNED, or FAIL. False when the trial
+    failed for a reason other than its parameters: it is then queued again and uses no budget."""
     import optuna
     from optuna.trial import TrialState
 
@@ -433,14 +512,17 @@ def run_trial(study, trial, splits: list, script: Path) -> None:
     except optuna.TrialPruned as pruned:
         study.tell(trial, state=TrialState.PRUNED)
         print(f"trial {trial.number} pruned at {pruned} ({time.time() - start:.0f} s) {as_args(params)}")
-        return
+        return True
     except TrialFailed as err:
         trial.set_user_attr("error", str(err))
-        study.tell(trial, state=TrialState.FAIL)
         print(f"trial {trial.number} failed: {err}")
-        return
-    except ConfigError:
-        study.tell(trial, state=TrialState.FAIL)
+        if err.model_failure:  # the parameters' result, as a low score would be
+            study.tell(trial, state=TrialState.FAIL)
+            return True
+        requeue(study, trial)
+        return False
+    except ConfigError:  # a user mistake stops every trial: fixed and rerun, this one runs again
+        requeue(study, trial)
         raise
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the trial is queued again for the next run of tune.py
         requeue(study, trial)
@@ -449,6 +531,7 @@ def run_trial(study, trial, splits: list, script: Path) -> None:
     study.tell(trial, value)
     print(f"trial {trial.number}: validation {METRIC} {value:.1%} (folds {', '.join(f'{s:.1%}' for s in scores)}; "
           f"{time.time() - start:.0f} s) {' '.join(as_args(params))}")
+    return True
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -590,6 +673,7 @@ def main() -> None:
     script = script_path()
     check_settings(script)
     splits = search_splits()
+    prepare_data_once(script)
     study_dir().mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     sampler = optuna.samplers.TPESampler(n_startup_trials=STARTUP_TRIALS, seed=SAMPLER_SEED, multivariate=True,
@@ -608,8 +692,13 @@ def main() -> None:
           f"{', '.join(str(fold) for fold, _, _ in splits)} of {N_FOLDS} over actors {ACTORS} "
           f"(test actors of each fold left out of every run)")
 
+    failed_in_a_row = 0  # trials that failed for a reason other than their parameters, queued again
     while (trial := next_trial(study)) is not None:
-        run_trial(study, trial, splits, script)
+        failed_in_a_row = 0 if run_trial(study, trial, splits, script) else failed_in_a_row + 1
+        if failed_in_a_row > TRIAL_RETRIES:
+            raise TrialFailed(f"{failed_in_a_row} trials in a row failed for a reason other than their parameters "
+                              f"(the last error is above); the trial is queued again: rerun tune.py once the cause "
+                              f"is fixed")
 
     folder = study_dir()
     write_trials_csv(study, folder / "trials.csv")

@@ -198,6 +198,7 @@ def test_first_trials_run_before_any_sampled_one(tune_module, tmp_path, monkeypa
     vars(tune_module).update({"OUTPUT_DIR": str(tmp_path), "STUDY_NAME": "given", "N_TRIALS": 3, "SEARCH_SPACE": space,
                               "SEARCH_FOLDS": (0,), "FIRST_TRIALS": (hand_set,), "EVALUATE_BEST": False})
     monkeypatch.setattr(tune_module, "run_fold", lambda trial, *rest: trial.params["stage1_lr"])
+    monkeypatch.setattr(tune_module, "prepare_data_once", lambda script: None)  # no run reads data here
     tune_module.main()
     rows = list(csv.DictReader(open(tmp_path / "tune" / "given" / "trials.csv")))
     assert [r["state"] for r in rows] == ["COMPLETE"] * 3
@@ -216,3 +217,95 @@ def test_first_trials_run_before_any_sampled_one(tune_module, tmp_path, monkeypa
     vars(tune_module).update({"STUDY_NAME": "wrong", "FIRST_TRIALS": ({"stage1_lr": 2e-3},)})
     with pytest.raises(tune_module.ConfigError, match="exactly the keys of SEARCH_SPACE"):
         tune_module.main()
+
+
+# ------------------------------------------------------------------------------------------------ issue 26
+
+def run_tune(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "tune.py"), *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_a_bad_search_space_is_one_error_line_before_the_journal(tmp_path):
+    common = ["--train_script=train_simple_working.py", f"--output_dir={tmp_path / 'out'}", "--study_name=bad"]
+    for space, message in (("not a dict", "SEARCH_SPACE must be a non-empty dict"),
+                           ("{'lr': ('log', 0.0, 0.1)}", "with 0 < low"),
+                           ("{'lr': ('float', 'a', 0.1)}", "with numbers low < high"),
+                           ("{'epochs': ('int', 1, 5.5)}", "whole numbers")):
+        run = run_tune(f"--search_space={space}", *common, cwd=tmp_path)
+        assert run.returncode == 2 and run.stderr.startswith("error:"), (space, run.stderr)
+        assert len(run.stderr.strip().splitlines()) == 1 and message in run.stderr, (space, run.stderr)
+    assert not (tmp_path / "out").exists()  # no journal, no dead trial in it
+
+
+def test_an_unknown_search_key_suggests_only_real_constants(tune_module, tmp_path):
+    vars(tune_module).update({"TRAIN_SCRIPT": "train_lite_model.py", "OUTPUT_DIR": str(tmp_path),
+                              "SEARCH_SPACE": {"added_constants": ("float", 0.0, 1.0)}})
+    with pytest.raises(tune_module.ConfigError, match="not a constant of train_lite_model.py") as error:
+        tune_module.main()
+    assert "_added_constants" not in str(error.value)
+    assert "_added_constants" not in tune_module.script_constants(REPO / "train_lite_model.py")
+
+
+def failing_folds(tune_module, monkeypatch, failures: list) -> list[int]:
+    """run_fold that raises the next of `failures` (a TrialFailed, or None for a score of 0.5); returns the trial
+    numbers it ran."""
+    ran = []
+
+    def run_fold(trial, *rest):
+        ran.append(trial.number)
+        failure = failures.pop(0) if failures else None
+        if failure is not None:
+            raise failure
+        return 0.5
+
+    monkeypatch.setattr(tune_module, "run_fold", run_fold)
+    monkeypatch.setattr(tune_module, "prepare_data_once", lambda script: None)
+    return ran
+
+
+def test_a_trial_failed_by_the_infrastructure_is_retried_and_uses_no_budget(tune_module, tmp_path, monkeypatch):
+    vars(tune_module).update({"TRAIN_SCRIPT": "train_lite_model.py", "OUTPUT_DIR": str(tmp_path), "N_TRIALS": 2,
+                              "STUDY_NAME": "retried", "SEARCH_SPACE": {"stage1_lr": ("log", 1e-4, 1e-2)},
+                              "SEARCH_FOLDS": (0,), "EVALUATE_BEST": False, "TRIAL_RETRIES": 2})
+    crash = tune_module.TrialFailed("fold 0 exited with status 1: OSError: [Errno 5] Input/output error")
+    nan = tune_module.TrialFailed("fold 0 exited with status 1: error: non-finite loss", model_failure=True)
+    ran = failing_folds(tune_module, monkeypatch, [crash, None, nan])
+    tune_module.main()
+    rows = list(csv.DictReader(open(tmp_path / "tune" / "retried" / "trials.csv")))
+    # trial 0 crashed: retried as trial 1 with its parameters (and run folders); trial 2, a NaN, uses the budget
+    assert [r["state"] for r in rows] == ["FAIL", "COMPLETE", "FAIL"] and ran == [0, 1, 2]
+    assert rows[1]["retry_of"] == "0" and rows[1]["param_stage1_lr"] == rows[0]["param_stage1_lr"]
+    assert "non-finite" in rows[2]["note"]
+
+    # A cause that persists: after TRIAL_RETRIES retries this process stops; the trial waits for the next run.
+    vars(tune_module).update({"STUDY_NAME": "stopped", "N_TRIALS": 1})
+    ran = failing_folds(tune_module, monkeypatch, [crash] * 3)
+    with pytest.raises(tune_module.TrialFailed, match="3 trials in a row"):
+        tune_module.main()
+    assert ran == [0, 1, 2]
+    ran = failing_folds(tune_module, monkeypatch, [])
+    tune_module.main()  # the cause fixed: the rerun redoes it
+    rows = list(csv.DictReader(open(tmp_path / "tune" / "stopped" / "trials.csv")))
+    assert [r["state"] for r in rows] == ["FAIL"] * 3 + ["COMPLETE"] and ran == [3]
+    assert {r["param_stage1_lr"] for r in rows} == {rows[0]["param_stage1_lr"]}
+
+
+def test_two_searches_on_an_empty_folder_run_every_trial_once(tmp_path):
+    """Issue 26's acceptance: the docstring's quick look on the synthetic set, started twice at once on a fresh
+    output folder (2 trials, 1 epoch, 1 fold: the synthetic set's 192 clips take most of the ~90 s). Both used to
+    generate the synthetic set into one folder (one failed: "moov atom not found") and that trial was lost to the
+    budget."""
+    quick_look = ["--train_script=train_simple_working.py",
+                  "--train_args=--modalities=audio,--epochs=1,--num_workers=0,--device=cpu",
+                  "--search_space={'lr': ('log', 1e-3, 3e-2)}", "--actors=1-12", "--n_folds=6",
+                  "--search_folds=(0,)", "--n_trials=2", "--study_name=quick", "--evaluate_best=False",
+                  "--poll_seconds=0.2", f"--output_dir={tmp_path / 'out'}"]
+    command = [sys.executable, str(REPO / "tune.py"), *quick_look]
+    workers = [subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+               for _ in range(2)]
+    outputs = [w.communicate(timeout=600)[0] for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    rows = list(csv.DictReader(open(tmp_path / "out" / "tune" / "quick" / "trials.csv")))
+    assert sorted(int(r["number"]) for r in rows if r["state"] == "COMPLETE") == [0, 1], rows
+    assert all(r["state"] == "COMPLETE" or r["note"].startswith("over budget") for r in rows), rows
+    assert sum("generating the synthetic" in out for out in outputs) == 1, outputs  # one process made the data
