@@ -30,7 +30,7 @@ from training.config import run_script  # noqa: E402
 
 OUTPUT_DIR = "checkpoints"  # where benchmarks/real_data_cv.sh wrote its run folders
 MAX_SEEDS = 10  # seeds looked for per row (bench_<row>_seed1 ... _seed9)
-CURVE_FIGURE = ""  # e.g. docs/figures/lite_concat_calibration_clips.png: Lite concat's accuracy against the
+CURVE_FIGURE = ""  # e.g. docs/figures/calibration_clips.png: Lite concat's and Lite AUs' accuracy against the
 # number of calibration clips per person (0 = uncalibrated, 4, 8, 16, 30, all); "" = no figure
 SELECTION_RUNS = ""  # comma-separated extra run names for the selection table (e.g. runs with validation actors)
 LITE_ROWS = [  # run name, model description, modalities: the Lite rows, each also with the previous constants
@@ -65,6 +65,7 @@ CALIBRATED = [  # run name, script folder, model: rows that have person-calibrat
 CALIBRATIONS = (("", "uncalibrated"), ("_cal", "all clips"), ("_cal16", "16 clips"), ("_cal8", "8 clips"),
                 ("_calneutral", "4 neutral clips"))
 CURVE_CLIPS = (("", 0), ("_cal4", 4), ("_cal8", 8), ("_cal16", 16), ("_cal30", 30), ("_cal", 60))
+CURVE_ROWS = (("bench_lite_concat", "Lite, concat fusion, audio + AUs"), ("bench_lite_au", "Lite, AUs"))
 
 
 def row_runs(root: Path) -> list[tuple[str, Path]]:
@@ -157,29 +158,37 @@ def print_calibration_table(root: Path) -> None:
 
 
 def plot_calibration_curve(root: Path, path: Path) -> None:
-    """Lite concat's CV accuracy (mean +- std over folds, seed 0) against calibration clips per person."""
+    """CV accuracy (mean +- std over folds, seed 0) of the CURVE_ROWS against calibration clips per person; the
+    points whose runs finished."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    points = []
-    for suffix, clips in CURVE_CLIPS:
-        runs = seed_runs(root, "train_lite_model", f"bench_lite_concat{suffix}")
-        if runs:
-            acc = json.loads((runs[0] / "cv_metrics.json").read_text())["accuracy"]
-            points.append((clips, acc["mean"], acc["std"]))
-    if not points:
-        print(f"no Lite concat run finished: {path} not drawn", file=sys.stderr)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    drawn = 0
+    for run, label in CURVE_ROWS:
+        points = []
+        for suffix, clips in CURVE_CLIPS:
+            runs = seed_runs(root, "train_lite_model", f"{run}{suffix}")
+            if runs:
+                acc = json.loads((runs[0] / "cv_metrics.json").read_text())["accuracy"]
+                points.append((clips, acc["mean"], acc["std"]))
+        if points:
+            x, mean, std = (np.array(v) for v in zip(*points))
+            ax.errorbar(x, 100 * mean, yerr=100 * std, marker="o", capsize=4, label=label)
+            drawn += 1
+    if not drawn:
+        plt.close(fig)
+        print(f"no curve row finished: {path} not drawn", file=sys.stderr)
         return
-    x, mean, std = (np.array(v) for v in zip(*points))
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(x, 100 * mean, yerr=100 * std, marker="o", capsize=4)
-    ax.set_xticks(x, ["none" if c == 0 else "all (60)" if c == 60 else str(c) for c in x])
-    ax.set_xlabel("calibration clips per test person (unlabeled)")
+    ticks = [clips for _, clips in CURVE_CLIPS]
+    ax.set_xticks(ticks, ["none" if c == 0 else "all (60)" if c == 60 else str(c) for c in ticks])
+    ax.set_xlabel("calibration clips per person (unlabeled)")
     ax.set_ylabel("accuracy, % (5-fold actor CV, seed 0)")
-    ax.set_title("Lite concat fusion, audio + AUs, actors 1-20")
+    ax.set_title("Person calibration, actors 1-20")
     ax.grid(alpha=0.3)
+    ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

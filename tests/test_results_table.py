@@ -86,7 +86,7 @@ def test_calibrated_rows_stand_beside_the_uncalibrated_one_and_draw_the_curve(tm
 
 def test_every_calibrated_benchmark_row_is_in_the_calibration_table_or_curve(tmp_path):
     shown = {run + suffix for run, _, _ in results_table.CALIBRATED for suffix, _ in results_table.CALIBRATIONS}
-    shown |= {"bench_lite_concat" + suffix for suffix, _ in results_table.CURVE_CLIPS}
+    shown |= {run + suffix for run, _ in results_table.CURVE_ROWS for suffix, _ in results_table.CURVE_CLIPS}
     script = (REPO / "benchmarks" / "real_data_cv.sh").read_text()
     calibrated = [line.split("|")[0].strip(' "') for line in script.splitlines() if "_cal" in line.split("|")[0]
                   and line.strip().startswith('"')]
