@@ -401,6 +401,7 @@ def process_clip(clip: Clip, root: Path, settings: Settings) -> tuple[dict, dict
     broken mp4 does not cost the take its good wav; a clip with nothing usable raises ClipError."""
     entry = clip_entry(clip, root, settings)
     arrays: dict[str, np.ndarray] = {}
+    failures: list[ClipError] = []
     audio = clip.audio_source if "audio" in settings.modalities else None
     video = clip.video_source if "video" in settings.modalities else None
     if audio is not None:
@@ -408,15 +409,19 @@ def process_clip(clip: Clip, root: Path, settings: Settings) -> tuple[dict, dict
             arrays["logmel"] = audio_features(audio, settings)
             entry["has_audio"] = True
         except ClipError as e:  # NoSound included
+            failures.append(e)
             entry["notes"].append(f"audio absent: {e}")
     if video is not None:
         try:
             arrays["frames"], entry["face_found"] = video_features(video, settings)
             entry["has_video"] = True
         except ClipError as e:
+            failures.append(e)
             entry["notes"].append(f"video absent: {e}")
         if entry["face_found"] is False:
             entry["notes"].append("no face found: centre crop")
+    if not arrays and len(failures) == 1:  # the take's only source: its own error says it all
+        raise failures[0]
     if not arrays:
         wanted = " or ".join(settings.modalities)
         reasons = "; ".join(entry["notes"]) or f"no {wanted} file for this take"
