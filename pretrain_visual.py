@@ -31,7 +31,7 @@ from models.encoders import FACE_CHECKPOINT_KIND
 from models.face_classifier import FaceClassifier
 from training.config import ConfigError, config_keys, run_script
 from training.distributed import from_main, shard, world_size, wrap_model
-from training.progress import EpochStats, Progress, crash_exit, end_epoch, resume
+from training.progress import EpochStats, FoldCheckpoints, Progress, crash_exit, end_epoch, resume
 from training.runs import RunFolder
 from training.runtime import setup_runtime
 from training.stages import make_optimizer
@@ -202,6 +202,7 @@ def main() -> None:
 
     total_steps, warmup_steps = EPOCHS * len(train_batches), WARMUP_EPOCHS * len(train_batches)
     ddp_model = wrap_model(model, runtime.device, SYNC_BATCHNORM)  # under torchrun; else the model itself
+    keep = FoldCheckpoints(MODEL_NAME, optimizer, scaler, config)  # ckpt_best.pt: the best validation epoch
     loss_fn = lambda logits, batch: cross_entropy(logits, batch, LABEL_SMOOTHING)  # noqa: E731
     while progress.epoch < EPOCHS:
         model.train()
@@ -218,7 +219,7 @@ def main() -> None:
         val = from_main(lambda: evaluate(model, val_batches, runtime, num_classes=len(classes)))  # once, on rank 0
         # train_step returns no logits, so training accuracy is not tracked (None leaves a gap in the figure).
         train_stats = {**stats.summary(), "train_accuracy": None, "epoch_seconds": time.time() - epoch_start}
-        improved = end_epoch(run, progress, model, MODEL_NAME, optimizer, scaler, val, train_stats, lr, config)
+        improved = end_epoch(run, progress, model, keep, val, train_stats, lr)
         print(f"epoch {progress.epoch}/{EPOCHS}  loss {train_stats['train_loss']:.3f}  val acc "
               f"{val['accuracy']:.1%}  UAR {val['uar']:.1%}  {train_stats['epoch_seconds']:.0f}s"
               f"{'  (best)' if improved else ''}", flush=True)

@@ -25,14 +25,16 @@ from data.setup import DataSettings, build_loaders, make_split, prepare_data, se
 from data.ravdess import DataError
 from models import ModelConfigError, build_model
 from training.config import config_keys, run_script
-from training.distributed import is_main, wrap_model
+from training.distributed import all_ranks_true, is_main, wrap_model
 from training.ema import WeightEMA
-from training.progress import (EpochStats, check_selection, crash_exit, cross_validate, end_epoch, epoch_line,
-                               final_test, fold_list, next_stage, open_run, resume, selected_model, validate)
+from training.progress import (EpochStats, FoldCheckpoints, TestPlan, check_selection, crash_exit, cross_validate,
+                               end_epoch, epoch_line, final_test, fold_list, next_stage, open_run, resume,
+                               selected_model, validate)
 from training.runs import RunFolder
 from training.runtime import setup_runtime
 from training.stages import make_optimizer, set_trainable, train_mode
-from training.step import NonFiniteLossError, cosine_lr, cross_entropy, move_batch, set_lr, train_step
+from training.step import (NonFiniteLossError, StepResult, cosine_lr, cross_entropy, mixup, move_batch,
+                           set_lr)
 
 # ---- data
 DATASET = "synthetic"  # "synthetic" (generated quick-start set) or "ravdess" (a RAVDESS folder at DATA_ROOT)
@@ -184,7 +186,10 @@ def train_fold(run: RunFolder, fold: int, settings: DataSettings, cache, runtime
     scaler = runtime.make_scaler()
     ema = WeightEMA(model, EMA_DECAY)  # kept whatever SELECT_CHECKPOINT is: metrics.json compares both
     progress = resume(run, model, optimizer, scaler, MODEL_NAME, ema)
+    keep = FoldCheckpoints(MODEL_NAME, optimizer, scaler, config, ema, SELECT_CHECKPOINT, SELECT_METRIC,
+                           loaders.feature_stats, loaders.calibration)
     loss_fn = partial(cross_entropy, label_smoothing=LABEL_SMOOTHING)
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # clipped (those with a gradient)
     steps_per_epoch = len(loaders.train)
 
     for stage_index, stage in enumerate(stages):
@@ -204,28 +209,46 @@ def train_fold(run: RunFolder, fold: int, settings: DataSettings, cache, runtime
                 lr = cosine_lr(progress.epoch * steps_per_epoch + batch_index, total_steps,
                                int(WARMUP_FRACTION * total_steps), stage["lr"])
                 set_lr(optimizer, lr)
-                try:
-                    result = train_step(ddp_model, batch, optimizer, scaler, runtime,
-                                        clip_norm=CLIP_NORM, loss_fn=loss_fn, mixup_alpha=MIXUP_ALPHA)
-                except NonFiniteLossError as err:
-                    crash_exit(run, batch, model, MODEL_NAME, err, f"fold {fold}, epoch {progress.epoch + 1}",
-                               scaler, progress)
+                where = f"fold {fold}, epoch {progress.epoch + 1}"
+                # The step: forward under autocast, scaled backward, true-scale gradient norm and clipping, scaler step.
+                optimizer.zero_grad(set_to_none=True)
+                inputs, labels = batch, batch["label"]
+                if MIXUP_ALPHA > 0:  # the inputs blended with a partner's; the loss weighs both labels
+                    inputs, partner, weight = mixup(batch, MIXUP_ALPHA)
+                    labels = labels if weight >= 0.5 else partner["label"]
+                with runtime.autocast():
+                    logits = ddp_model(inputs)
+                loss = loss_fn(logits, inputs)
+                if MIXUP_ALPHA > 0:
+                    loss = weight * loss + (1 - weight) * loss_fn(logits, partner)
+                if not all_ranks_true(bool(torch.isfinite(loss))):  # under torchrun every process stops
+                    crash_exit(run, batch, model, MODEL_NAME, NonFiniteLossError(loss.item()), where, scaler, progress)
+                scale = scaler.get_scale() if scaler.is_enabled() else 1.0
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, CLIP_NORM or float("inf"))
+                if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # nothing else would skip this step
+                    err = NonFiniteLossError(float(grad_norm), what="gradient norm")
+                    crash_exit(run, batch, model, MODEL_NAME, err, where, scaler, progress)
+                scaler.step(optimizer)
+                scaler.update()
+                skipped = scaler.is_enabled() and scaler.get_scale() < scale  # an overflow: the scaler skipped it
                 ema.update(model)
                 progress.step += 1
+                result = StepResult(loss.item(), float(grad_norm), skipped, scale,
+                                    int((logits.argmax(dim=-1) == labels).sum()), len(labels))
                 stats.update(result)
                 bar.set_postfix(loss=f"{result.loss:.3f}", gnorm=f"{result.grad_norm:.2f}")
             val = validate(selected_model(model, ema, SELECT_CHECKPOINT), loaders.val, runtime)
             train_stats = stats.summary()
-            improved = end_epoch(run, progress, model, MODEL_NAME, optimizer, scaler, val, train_stats, lr, config,
-                                 select=SELECT_CHECKPOINT, select_metric=SELECT_METRIC, ema=ema,
-                                 feature_stats=loaders.feature_stats, calibration=loaders.calibration)
+            improved = end_epoch(run, progress, model, keep, val, train_stats, lr)  # log, checkpoints, figure
             print(epoch_line(f"fold {fold} {stage['name']}", progress, train_stats, val, improved))
         next_stage(progress, PATIENCE, f"fold {fold} {stage['name']}")
 
-    test = final_test(run, model, MODEL_NAME, loaders.test, runtime, loaders.class_names,
-                      {"fold": fold, "test_actors": list(split.test), "val_actors": list(split.val)},
-                      TEST_TIME_SHIFTS, loaders.time_shift_steps(TEST_TIME_SHIFTS), loaders.time_shift_steps(2),
-                      select=SELECT_CHECKPOINT)
+    plan = TestPlan(MODEL_NAME, loaders.class_names, SELECT_CHECKPOINT, TEST_TIME_SHIFTS,
+                    loaders.time_shift_steps(TEST_TIME_SHIFTS), loaders.time_shift_steps(2),
+                    {"fold": fold, "test_actors": list(split.test), "val_actors": list(split.val)})
+    test = final_test(run, model, loaders.test, runtime, plan)  # the selected weights on the test actors
     print(f"fold {fold} test (actors {split.test}): accuracy {test['accuracy']:.1%}, UAR {test['uar']:.1%}")
     return test
 

@@ -121,17 +121,33 @@ def _restore_rng_streams(state: dict) -> None:
               "it continues with fresh streams (and another batch order), so not as the uninterrupted run would")
 
 
-def end_epoch(run: RunFolder, progress: Progress, model: nn.Module, model_name: str,
-              optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, val_metrics: dict | None,
-              train_stats: dict, lr: float, config: dict, *, select: str = "best_val",
-              select_metric: str = "accuracy", ema: WeightEMA | None = None,
-              feature_stats: tuple | None = None, calibration: tuple | None = None) -> bool:
-    """Record an epoch: log line, history, last checkpoint, and ckpt_best.pt = the weights `select` picks (the
-    EMA weights, the last epoch's, or the best validation epoch's). Returns True if ckpt_best.pt was updated.
+@dataclass
+class FoldCheckpoints:
+    """What a fold's checkpoints hold besides the model and the progress, and which weights ckpt_best.pt keeps;
+    made once per fold, passed to every `end_epoch`.
+
+    `feature_stats` and `calibration` (`Loaders.feature_stats`, `Loaders.calibration`): the input normalisation of
+    training, kept in both checkpoints so that predict.py applies the same. `select`: the EMA weights ("ema"), the
+    last epoch's ("last"), or the best validation epoch's by `select_metric` ("best_val").
+    """
+
+    model_name: str
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    config: dict
+    ema: WeightEMA | None = None
+    select: str = "best_val"
+    select_metric: str = "accuracy"
+    feature_stats: tuple | None = None
+    calibration: tuple | None = None
+
+
+def end_epoch(run: RunFolder, progress: Progress, model: nn.Module, keep: FoldCheckpoints, val_metrics: dict | None,
+              train_stats: dict, lr: float) -> bool:
+    """Record an epoch: log line, history, last checkpoint, and ckpt_best.pt = the weights `keep.select` picks.
+    Returns True if ckpt_best.pt was updated.
 
     `val_metrics` is None without validation actors (a fixed budget); then no early stopping can happen.
-    `feature_stats` and `calibration` (`Loaders.feature_stats`, `Loaders.calibration`): the input normalisation of
-    training, kept in both checkpoints so that predict.py applies the same.
     """
     # Every process's random streams, for an exact resume of each. First: rank 0 waits here, before it logs the
     # epoch, for a process that died in this epoch (the log would otherwise get a line the checkpoint lacks).
@@ -144,26 +160,26 @@ def end_epoch(run: RunFolder, progress: Progress, model: nn.Module, model_name: 
         record.update(val_loss=val_metrics["loss"], val_accuracy=val_metrics["accuracy"], val_uar=val_metrics["uar"])
     progress.history.append(record)
     run.log(record)
-    improved = select != "best_val" or val_metrics[select_metric] > progress.best_metric
+    improved = keep.select != "best_val" or val_metrics[keep.select_metric] > progress.best_metric
     if improved:
-        progress.best_metric = val_metrics[select_metric] if val_metrics is not None else -1.0
+        progress.best_metric = val_metrics[keep.select_metric] if val_metrics is not None else -1.0
         progress.best_epoch = record["epoch"]
         progress.epochs_since_best = 0
     else:
         progress.epochs_since_best += 1
     if is_main():
-        stats = feature_stats_entry(feature_stats)
-        extra = {"ema": ema.state_dict()} if ema is not None else {}
-        extra["calibration"] = calibration_entry(calibration)
+        stats = feature_stats_entry(keep.feature_stats)
+        extra = {"ema": keep.ema.state_dict()} if keep.ema is not None else {}
+        extra["calibration"] = calibration_entry(keep.calibration)
         if len(rank_rngs) > 1:
             extra["rank_rngs"] = rank_rngs
-        state = make_state(model, model_name, optimizer, scaler, progress=asdict(progress), run_config=config,
-                           feature_stats=stats, **extra)
+        state = make_state(model, keep.model_name, keep.optimizer, keep.scaler, progress=asdict(progress),
+                           run_config=keep.config, feature_stats=stats, **extra)
         save_checkpoint(run.last, state)
         if improved:
-            selected = selected_model(model, ema, select)
-            save_checkpoint(run.best, make_state(selected, model_name, progress=asdict(progress), run_config=config,
-                                                 feature_stats=stats, selection=select,
+            selected = selected_model(model, keep.ema, keep.select)
+            save_checkpoint(run.best, make_state(selected, keep.model_name, progress=asdict(progress),
+                                                 run_config=keep.config, feature_stats=stats, selection=keep.select,
                                                  calibration=extra["calibration"]))
     run.plot_history(progress.history)
     return improved
@@ -214,52 +230,66 @@ def next_stage(progress: Progress, patience: int, stage_name: str) -> None:
     progress.epochs_since_best = 0
 
 
-def final_test(run: RunFolder, model: nn.Module, model_name: str, test_loader, runtime: Runtime,
-               class_names: list[str], extra: dict | None = None, audio_shifts: int = 0,
-               shift_steps: int = 0, compare_shift_steps: int = 0, select: str = "best_val") -> dict:
-    """Evaluate the selected weights (ckpt_best.pt) on the test actors, with optional time-shift test-time
-    averaging (`training.step.predict`); write metrics.json, with every clip's probabilities so that runs of
-    several seeds can be ensembled, and the confusion-matrix figure.
+@dataclass
+class TestPlan:
+    """How a fold's selected weights are tested (`final_test`).
 
-    `select` "last" or "ema" takes the weights from ckpt_last.pt, and rewrites ckpt_best.pt when it holds the other
-    choice: a finished run re-tested under another SELECT_CHECKPOINT keeps one consistent ckpt_best.pt.
+    `audio_shifts`, `shift_steps`: time-shift test-time averaging (`training.step.predict`). `compare_shift_steps`:
+    the shift of the 2 x 2 shifted alternatives metrics.json records. `extra`: entries added to metrics.json (fold,
+    actors). `select` "last" or "ema" takes the weights from ckpt_last.pt (see `final_test`).
+    """
+
+    model_name: str
+    class_names: list[str]
+    select: str = "best_val"
+    audio_shifts: int = 0
+    shift_steps: int = 0
+    compare_shift_steps: int = 0
+    extra: dict | None = None
+
+
+def final_test(run: RunFolder, model: nn.Module, test_loader, runtime: Runtime, plan: TestPlan) -> dict:
+    """Evaluate the selected weights (ckpt_best.pt) on the test actors, with optional time-shift test-time
+    averaging; write metrics.json, with every clip's probabilities so that runs of several seeds can be ensembled,
+    and the confusion-matrix figure.
+
+    `plan.select` "last" or "ema" takes the weights from ckpt_last.pt, and rewrites ckpt_best.pt when it holds the
+    other choice: a finished run re-tested under another SELECT_CHECKPOINT keeps one consistent ckpt_best.pt.
 
     metrics.json also records `alternatives`: the test accuracy of the last and of the EMA weights, each with and
-    without 2 x 2 time shifts of `compare_shift_steps` frames. The choice of weights never changes training, so
-    one run measures every selection recipe (README, Results: "Model selection and test-time averaging").
+    without 2 x 2 time shifts of `plan.compare_shift_steps` frames. The choice of weights never changes training, so
+    one run measures every selection recipe (docs/results.md, "Model selection and test-time averaging").
     Under torchrun rank 0 tests (each clip once) and every rank returns its metrics.
     """
-    return from_main(lambda: _test_saved_weights(run, model, model_name, test_loader, runtime, class_names, extra,
-                                                 audio_shifts, shift_steps, compare_shift_steps, select))
+    return from_main(lambda: _test_saved_weights(run, model, test_loader, runtime, plan))
 
 
-def _test_saved_weights(run: RunFolder, model: nn.Module, model_name: str, test_loader, runtime: Runtime,
-                        class_names: list[str], extra: dict | None, audio_shifts: int, shift_steps: int,
-                        compare_shift_steps: int, select: str) -> dict:
+def _test_saved_weights(run: RunFolder, model: nn.Module, test_loader, runtime: Runtime, plan: TestPlan) -> dict:
+    classes = len(plan.class_names)
     last = load_checkpoint(run.last)
     alternatives = {}
     for name in ("last", "ema"):
         if name == "ema" and last.get("ema") is None:
             continue
         model.load_state_dict(_weights_in_last(last, name))
-        alternatives[name] = evaluate(model, test_loader, runtime, len(class_names))["accuracy"]
-        if compare_shift_steps:
-            alternatives[f"{name}_shifts2"] = evaluate(model, test_loader, runtime, len(class_names), 2,
-                                                       compare_shift_steps)["accuracy"]
+        alternatives[name] = evaluate(model, test_loader, runtime, classes)["accuracy"]
+        if plan.compare_shift_steps:
+            alternatives[f"{name}_shifts2"] = evaluate(model, test_loader, runtime, classes, 2,
+                                                       plan.compare_shift_steps)["accuracy"]
     best = load_checkpoint(run.best) if run.best.exists() else None
-    if select != "best_val" and (best is None or best.get("selection") != select):
-        best = _select_from_last(run, model, last, select)
+    if plan.select != "best_val" and (best is None or best.get("selection") != plan.select):
+        best = _select_from_last(run, model, last, plan.select)
     state = best or last
-    load_model_weights(model, state, model_name, run.best)
-    metrics = evaluate(model, test_loader, runtime, len(class_names), audio_shifts, shift_steps)
+    load_model_weights(model, state, plan.model_name, run.best)
+    metrics = evaluate(model, test_loader, runtime, classes, plan.audio_shifts, plan.shift_steps)
     progress = state["progress"]
     metrics.update({"best_epoch": progress["best_epoch"], "best_val": progress["best_metric"],
-                    "selection": state.get("selection", "best_val"), "test_time_shifts": audio_shifts,
+                    "selection": state.get("selection", "best_val"), "test_time_shifts": plan.audio_shifts,
                     "alternatives": alternatives, "skipped_steps": progress["skipped_steps"],
                     "steps": progress["step"], "clip_ids": [record.clip_id for record in test_loader.dataset.records],
-                    **(extra or {})})
+                    **(plan.extra or {})})
     run.write_metrics(metrics)
-    run.plot_confusion(metrics["confusion"], class_names,
+    run.plot_confusion(metrics["confusion"], plan.class_names,
                        f"test accuracy {metrics['accuracy']:.1%}, UAR {metrics['uar']:.1%}")
     return metrics
 
