@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training.config import ConfigError, constant_docs, run_script
+from training.config import ConfigError, run_script, source_choices
 
 _TRAIN_SCRIPT = Path(__file__).with_name("train_lite_model.py")
 
@@ -56,8 +56,8 @@ def rows() -> list[dict]:
 def check_rows(rows: list[dict]) -> None:
     """Refuse a row whose fusion train_lite_model.py does not know before any row trains (a misspelt fusion would
     otherwise fail only when its row starts, after the rows before it trained). The allowed values are the ones
-    the training script's FUSION comment lists, read from its source (scripts never import each other)."""
-    allowed = constant_docs(_TRAIN_SCRIPT.read_text())["FUSION"].choices or []
+    the training script declares beside FUSION, read from its source (scripts never import each other)."""
+    allowed = [str(value) for value in source_choices(_TRAIN_SCRIPT.read_text(), "FUSION")]
     for row in rows:
         if row["fusion"] not in allowed:
             close = difflib.get_close_matches(str(row["fusion"]), allowed, n=1, cutoff=0.5)

@@ -60,11 +60,15 @@ from training.step import NonFiniteLossError, cross_entropy, move_batch, set_lr,
 
 # --- model ---
 MODEL = "full"  # simple | lite | full
+_MODEL_CHOICES = ("simple", "lite", "full")
 MODEL_SIZE = "small"  # small: CPU-sized widths with the real block layout | real: the constructors' defaults
+_MODEL_SIZE_CHOICES = ("small", "real")
 MODEL_CONFIG = {}  # extra constructor arguments over the size's config, e.g. "{'width': 128}"
 # --- recipe ---
 RECIPE = "legacy"  # legacy: the original 149M recipe | stable: this toolkit's recipe (see RECIPES)
+_RECIPE_CHOICES = ("legacy", "stable")
 INIT = None  # None: the recipe's; else default | xavier | kaiming | scaled_residual | zero_residual
+_INIT_CHOICES = (None, "default", "xavier", "kaiming", "scaled_residual", "zero_residual")
 LR = None  # None: the recipe's learning rate
 WARMUP_STEPS = None  # None: the recipe's linear warmup length, in steps
 CLIP_NORM = None  # None: the recipe's global gradient-norm clip (0 turns clipping off)
@@ -73,8 +77,10 @@ WEIGHT_DECAY = 0.01
 LEGACY_CAUSE = ""  # "" none | a name in LEGACY_CAUSES | "all" (full model only)
 # --- data ---
 DATA = "synthetic"  # synthetic: a small rendered cache (64 clips) | cache: a cache written by data/prepare_ravdess.py
+_DATA_CHOICES = ("synthetic", "cache")
 CACHE_DIR = "checkpoints/cache/RAVDESS"  # used when DATA == "cache"
 VISUAL_INPUT = "frames"  # frames (face crops from the cache) | features (per-clip vectors from FEATURE_FILE)
+_VISUAL_INPUT_CHOICES = ("frames", "features")
 FEATURE_FILE = ""  # .npz of per-clip visual features, e.g. ../shared/data/ravdess_clip_features/au_mfcc.npz
 SYNTHETIC_FRAMES = 8  # frames per synthetic clip
 SYNTHETIC_SIZE = 64  # px, synthetic face crops
@@ -83,7 +89,9 @@ BATCH_SIZE = 8
 STEPS = 30  # training steps to watch
 REPLAY = ""  # path to a crash.pt: replay its batch instead of training
 DEVICE = "auto"  # auto | cpu | cuda | cuda:1
+_DEVICE_CHOICES = ("auto", "cpu", "cuda", "cuda:1")
 AMP_DTYPE = None  # None: the recipe's | auto | float32 | float16 | bfloat16
+_AMP_DTYPE_CHOICES = (None, "auto", "float32", "float16", "bfloat16")
 SEED = 0
 # --- output ---
 RUN_NAME = "default"  # checkpoints/debug_gradients/<RUN_NAME>/ (taken: <RUN_NAME>_2, _3, ... instead)

@@ -48,6 +48,7 @@ MAX_SHIFT = 0.1  # fraction of the image size, uniform in [-x, x] in each direct
 SCALE_RANGE = (0.9, 1.1)  # zoom factor range
 # --- model
 BACKBONE = "small"  # small (CPU-trainable) | resnet18
+_BACKBONE_CHOICES = ("small", "resnet18")
 PRETRAINED = False  # True: start resnet18 from ImageNet weights (needs internet or the torch hub cache)
 WIDTH = 256  # projection size of the encoder (not loaded downstream; only the backbone is)
 DROPOUT = 0.3  # before the linear classifier
@@ -62,6 +63,7 @@ CLIP_NORM = 1.0
 # --- precision and runtime
 DEVICE = "auto"  # "auto", "cpu", "cuda" or "cuda:1"
 AMP_DTYPE = "auto"  # auto (fp16/bf16 on GPU, fp32 on CPU) | float32 | float16 | bfloat16 (2x faster on AVX512-BF16 CPU)
+_AMP_DTYPE_CHOICES = ("auto", "float32", "float16", "bfloat16")
 NUM_THREADS = 0  # CPU threads for PyTorch; 0 = PyTorch's default
 SYNC_BATCHNORM = True  # under torchrun: BatchNorm statistics of the global batch (all processes), not of each share
 SEED = 0

@@ -26,6 +26,7 @@ from torch import nn
 
 # --- which components ---
 MODELS = ("lite", "full")  # lite | full
+_MODELS_CHOICES = ("lite", "full")
 LITE_FUSIONS = ("concat", "product", "gated", "cross_attention", "transformer")  # Lite fusion strategies checked
 # --- sizes (tiny tensors, the same code paths as the real configuration) ---
 BATCH = 4  # samples in the one batch
@@ -39,6 +40,7 @@ OVERFIT_STEPS = 200  # the loss must fall by OVERFIT_DROP within this many steps
 OVERFIT_DROP = 0.9  # fraction of the initial loss that must be gone
 OVERFIT_LR = 3e-3  # Adam learning rate of the overfitting check
 AUTOCAST_DTYPE = "float16"  # float16 | bfloat16 (bfloat16 is ~70x slower on a CPU)
+_AUTOCAST_DTYPE_CHOICES = ("float16", "bfloat16")
 SEED = 0
 
 

@@ -26,7 +26,7 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from data.setup import DataSettings, build_loaders, make_split, prepare_data, settings_from_constants
+from data.setup import DataSettings, build_loaders, make_split, prepare_data
 from data.ravdess import DataError
 from models import ModelConfigError, build_model
 from training.config import config_keys, run_script
@@ -60,8 +60,10 @@ FRAME_AUGMENT = True  # random crop, flip and colour jitter on training face cro
 
 # ---- person calibration (data/calibration.py): each clip's inputs compared with its own person's range
 CALIBRATION = "none"  # none | person: standardise each person's inputs by statistics of that person's own clips
+_CALIBRATION_CHOICES = ("none", "person")
 CALIBRATION_CLIPS = 0  # clips per person for those statistics: 0 = all in the split (unlabeled), K = K drawn with SEED
 CALIBRATION_SOURCE = "any"  # any | neutral: only the person's neutral clips (a test person's are then not scored)
+_CALIBRATION_SOURCE_CHOICES = ("any", "neutral")
 
 # ---- actor-disjoint split
 ACTORS = "auto"  # actors in the experiment, e.g. "1-20"; "auto" = every actor in the data
@@ -81,6 +83,7 @@ N_HEADS = 12  # query heads of the attention blocks
 N_KV_HEADS = 4  # grouped-query attention: key/value heads
 N_SEGMENTS = 8  # tokens per modality (time segments of the clip)
 READOUT = "joint"  # joint (one attention pool over all fused tokens, linear head) | modality_pools (Lite's concat head)
+_READOUT_CHOICES = ("joint", "modality_pools")
 LAYOUT = "lfm2"  # fusion blocks: "lfm2" (LFM2-350M's 16: the short convolution in 10, attention in 6) or a list
 # such as "conv,attn" (a shallower stack for the depth ablation); "none": no blocks (the encoders read out directly)
 AUDIO_CHANNELS = (32, 64, 128, 256)  # audio CNN channels per VGG stage
@@ -95,6 +98,7 @@ FEATURE_NOISE = 0.1  # Gaussian noise on standardised per-clip features in train
 MODALITY_DROPOUT = 0.2
 GRADIENT_CHECKPOINTING = False  # recompute each fusion block in backward (less memory, ~30% slower)
 INIT = "scaled_residual"  # default | xavier | kaiming | scaled_residual | zero_residual
+_INIT_CHOICES = ("default", "xavier", "kaiming", "scaled_residual", "zero_residual")
 INIT_GAIN = 0.5
 # Init of the audio CNN and the visual encoder (ReLU + BatchNorm networks). Kaiming, Lite's choice, measured no
 # better here: 64.2% against 66.2% on the real-data CV (README, "What separates the full model from Lite").
@@ -119,8 +123,10 @@ LABEL_SMOOTHING = 0.1
 
 # ---- model selection and testing
 SELECT_CHECKPOINT = "last"  # last | ema | best_val: the weights tested and kept as ckpt_best.pt
+_SELECT_CHECKPOINT_CHOICES = ("last", "ema", "best_val")
 EMA_DECAY = 0.99  # per step: the exponential moving average of the weights (tested with SELECT_CHECKPOINT="ema")
 SELECT_METRIC = "accuracy"  # validation metric of SELECT_CHECKPOINT="best_val": accuracy | uar | macro_f1
+_SELECT_METRIC_CHOICES = ("accuracy", "uar", "macro_f1")
 PATIENCE = 10  # early stopping (best_val only): epochs without validation improvement
 TEST_TIME_SHIFTS = 0  # k > 0: test probabilities averaged over the clip and 2k circular time shifts of its audio
 
@@ -192,6 +198,17 @@ def stage_table(pretrained: list[str]) -> list[dict]:
     if frozen or STAGE1_EPOCHS == 0:
         stages.append({"name": "stage2_all", "train": "all", "epochs": STAGE2_EPOCHS, "lr": legacy_lr or STAGE2_LR})
     return [s for s in stages if s["epochs"] > 0]
+
+
+def data_settings() -> DataSettings:
+    return DataSettings(
+        dataset=DATASET, data_root=DATA_ROOT, cache_dir=CACHE_DIR, channel=CHANNEL, modalities=MODALITIES,
+        visual_input=VISUAL_INPUT, feature_file=FEATURE_FILE, n_frames=N_FRAMES, frame_size=FRAME_SIZE,
+        spec_augment=SPEC_AUGMENT, freq_masks=FREQ_MASKS, freq_mask_bins=FREQ_MASK_BINS, time_masks=TIME_MASKS,
+        time_mask_seconds=TIME_MASK_SECONDS, time_shift_seconds=TIME_SHIFT_SECONDS, frame_augment=FRAME_AUGMENT,
+        batch_size=BATCH_SIZE, num_workers=NUM_WORKERS, seed=SEED, output_dir=OUTPUT_DIR,
+        prepare_workers=PREPARE_WORKERS, calibration=CALIBRATION, calibration_clips=CALIBRATION_CLIPS,
+        calibration_source=CALIBRATION_SOURCE)
 
 
 def train_fold(run: RunFolder, fold: int, settings: DataSettings, cache, runtime, config: dict) -> dict:
@@ -274,7 +291,7 @@ def main() -> None:
     runtime = setup_runtime(DEVICE, recipe()["amp_dtype"], SEED)
     print(runtime.describe())
     folds = [0] if TEST_ACTORS else fold_list(FOLD, N_FOLDS)  # checked before any slow data work
-    settings = settings_from_constants(config)
+    settings = data_settings()
     cache = prepare_data(settings)
     run = open_run("train_full_model", RUN_NAME, OUTPUT_DIR, config, runtime.describe(), RESTART,
                    added_constants=_ADDED_CONSTANTS)

@@ -21,7 +21,7 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from data.setup import DataSettings, build_loaders, make_split, prepare_data, settings_from_constants
+from data.setup import DataSettings, build_loaders, make_split, prepare_data
 from data.ravdess import DataError
 from models import ModelConfigError, build_model
 from training.config import config_keys, run_script
@@ -56,8 +56,10 @@ FRAME_AUGMENT = True  # random crop, flip and colour jitter on training face cro
 
 # ---- person calibration (data/calibration.py): each clip's inputs compared with its own person's range
 CALIBRATION = "none"  # none | person: standardise each person's inputs by statistics of that person's own clips
+_CALIBRATION_CHOICES = ("none", "person")
 CALIBRATION_CLIPS = 0  # clips per person for those statistics: 0 = all in the split (unlabeled), K = K drawn with SEED
 CALIBRATION_SOURCE = "any"  # any | neutral: only the person's neutral clips (a test person's are then not scored)
+_CALIBRATION_SOURCE_CHOICES = ("any", "neutral")
 
 # ---- actor-disjoint split
 ACTORS = "auto"  # actors in the experiment, e.g. "1-20"; "auto" = every actor in the data
@@ -72,6 +74,7 @@ VAL_ACTORS = ""  # explicit validation actors, with TEST_ACTORS
 PRESET = "default"  # default | cpu: "cpu" first sets the constants in _PRESETS["cpu"] (<1M parameters, for 2-core
 # CPUs), then every constant given on the command line applies on top of it
 FUSION = "cross_attention"  # concat | product | gated | cross_attention | transformer
+_FUSION_CHOICES = ("concat", "product", "gated", "cross_attention", "transformer")
 WIDTH = 256  # token width of both encoders and the fusion
 AUDIO_CHANNELS = (32, 64, 128, 256)  # audio CNN channels per stage
 VISUAL_TOKENS = 8  # tokens of the visual encoder (frames are resampled to this many)
@@ -81,6 +84,7 @@ PRETRAINED = False  # True: torchvision ImageNet weights for resnet18 (downloads
 VISUAL_CHECKPOINT = ""  # face-pretrained frame backbone from pretrain_visual.py (frames input)
 AUDIO_TOKENS = 8  # audio segment tokens: the audio CNN's output averaged over time into this many (1: the mean)
 AUDIO_BLOCK = "vgg"  # vgg | residual: audio CNN stages (two 3x3 convs + max-pool, or one stride-2 residual block)
+_AUDIO_BLOCK_CHOICES = ("vgg", "residual")
 DROPOUT = 0.1  # fusion and classifier
 ENCODER_DROPOUT = 0.1
 FEATURE_NOISE = 0.1  # Gaussian noise on standardised per-clip features in training (features input)
@@ -88,6 +92,7 @@ MODALITY_DROPOUT = 0.2  # probability of hiding one modality of a training sampl
 # Kaiming (fan-in, for the ReLU + BatchNorm encoders) measured 5 points above scaled_residual (Xavier, gain 0.5) for
 # concat fusion on the real-data CV (README, Results); scaled_residual is still the one for deep attention fusions.
 INIT = "kaiming"  # default | xavier | kaiming | scaled_residual | zero_residual
+_INIT_CHOICES = ("default", "xavier", "kaiming", "scaled_residual", "zero_residual")
 INIT_GAIN = 0.5  # gain of xavier-based strategies
 
 # ---- optimisation
@@ -108,8 +113,10 @@ MIXUP_ALPHA = 0.0  # > 0: train on mixup of sample pairs, weights drawn from Bet
 
 # ---- model selection and testing
 SELECT_CHECKPOINT = "last"  # last | ema | best_val: the weights tested and kept as ckpt_best.pt
+_SELECT_CHECKPOINT_CHOICES = ("last", "ema", "best_val")
 EMA_DECAY = 0.99  # per step: the exponential moving average of the weights (tested with SELECT_CHECKPOINT="ema")
 SELECT_METRIC = "accuracy"  # validation metric of SELECT_CHECKPOINT="best_val": accuracy | uar | macro_f1
+_SELECT_METRIC_CHOICES = ("accuracy", "uar", "macro_f1")
 PATIENCE = 10  # early stopping (best_val only): epochs without validation improvement
 TEST_TIME_SHIFTS = 0  # k > 0: test probabilities averaged over the clip and 2k circular time shifts of its audio
 
@@ -171,6 +178,17 @@ def stage_table(pretrained: list[str]) -> list[dict]:
     if frozen or STAGE1_EPOCHS == 0:
         stages.append({"name": "stage2_all", "train": "all", "epochs": STAGE2_EPOCHS, "lr": STAGE2_LR})
     return [s for s in stages if s["epochs"] > 0]
+
+
+def data_settings() -> DataSettings:
+    return DataSettings(
+        dataset=DATASET, data_root=DATA_ROOT, cache_dir=CACHE_DIR, channel=CHANNEL, modalities=MODALITIES,
+        visual_input=VISUAL_INPUT, feature_file=FEATURE_FILE, n_frames=N_FRAMES, frame_size=FRAME_SIZE,
+        spec_augment=SPEC_AUGMENT, freq_masks=FREQ_MASKS, freq_mask_bins=FREQ_MASK_BINS, time_masks=TIME_MASKS,
+        time_mask_seconds=TIME_MASK_SECONDS, time_shift_seconds=TIME_SHIFT_SECONDS, frame_augment=FRAME_AUGMENT,
+        batch_size=BATCH_SIZE, num_workers=NUM_WORKERS, seed=SEED, output_dir=OUTPUT_DIR,
+        prepare_workers=PREPARE_WORKERS, calibration=CALIBRATION, calibration_clips=CALIBRATION_CLIPS,
+        calibration_source=CALIBRATION_SOURCE)
 
 
 def train_fold(run: RunFolder, fold: int, settings: DataSettings, cache, runtime, config: dict) -> dict:
@@ -258,7 +276,7 @@ def main() -> None:
     runtime = setup_runtime(DEVICE, AMP_DTYPE, SEED)
     print(runtime.describe())
     folds = [0] if TEST_ACTORS else fold_list(FOLD, N_FOLDS)  # checked before any slow data work
-    settings = settings_from_constants(config)
+    settings = data_settings()
     cache = prepare_data(settings)
     run = open_run("train_lite_model", RUN_NAME, OUTPUT_DIR, config, runtime.describe(), RESTART,
                    added_constants=_ADDED_CONSTANTS)

@@ -22,7 +22,7 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from data.setup import DataSettings, build_loaders, make_split, prepare_data, settings_from_constants
+from data.setup import DataSettings, build_loaders, make_split, prepare_data
 from data.ravdess import DataError
 from models import ModelConfigError, build_model
 from training.config import config_keys, run_script
@@ -56,8 +56,10 @@ FRAME_AUGMENT = True  # random crop, flip and colour jitter on training face cro
 
 # ---- person calibration (data/calibration.py): each clip's inputs compared with its own person's range
 CALIBRATION = "none"  # none | person: standardise each person's inputs by statistics of that person's own clips
+_CALIBRATION_CHOICES = ("none", "person")
 CALIBRATION_CLIPS = 0  # clips per person for those statistics: 0 = all in the split (unlabeled), K = K drawn with SEED
 CALIBRATION_SOURCE = "any"  # any | neutral: only the person's neutral clips (a test person's are then not scored)
+_CALIBRATION_SOURCE_CHOICES = ("any", "neutral")
 
 # ---- actor-disjoint split
 ACTORS = "auto"  # actors in the experiment, e.g. "1-20"; "auto" = every actor in the data
@@ -74,6 +76,7 @@ CHANNELS = (16, 32, 32)  # face-frame conv stack channels; the last is also the 
 DROPOUT = 0.3  # before the classifier, and in the feature MLP
 FEATURE_NOISE = 0.1  # Gaussian noise on standardised per-clip features in training (features input)
 INIT = "kaiming"  # default | xavier | kaiming | scaled_residual | zero_residual
+_INIT_CHOICES = ("default", "xavier", "kaiming", "scaled_residual", "zero_residual")
 
 # ---- optimisation
 EPOCHS = 20  # one stage that trains everything (the Lite and full scripts add a frozen-encoder stage)
@@ -86,8 +89,10 @@ LABEL_SMOOTHING = 0.1
 
 # ---- model selection and testing
 SELECT_CHECKPOINT = "last"  # last | ema | best_val: the weights tested and kept as ckpt_best.pt
+_SELECT_CHECKPOINT_CHOICES = ("last", "ema", "best_val")
 EMA_DECAY = 0.99  # per step: the exponential moving average of the weights (tested with SELECT_CHECKPOINT="ema")
 SELECT_METRIC = "accuracy"  # validation metric of SELECT_CHECKPOINT="best_val": accuracy | uar | macro_f1
+_SELECT_METRIC_CHOICES = ("accuracy", "uar", "macro_f1")
 PATIENCE = 10  # early stopping (best_val only): epochs without validation improvement
 TEST_TIME_SHIFTS = 0  # k > 0: test probabilities averaged over the clip and 2k circular time shifts of its audio
 
@@ -119,6 +124,17 @@ def build(feature_dim: int, runtime) -> torch.nn.Module:
                                      "feature_noise": FEATURE_NOISE})
     model.init_weights(INIT)
     return model.to(runtime.device)
+
+
+def data_settings() -> DataSettings:
+    return DataSettings(
+        dataset=DATASET, data_root=DATA_ROOT, cache_dir=CACHE_DIR, channel=CHANNEL, modalities=MODALITIES,
+        visual_input=VISUAL_INPUT, feature_file=FEATURE_FILE, n_frames=N_FRAMES, frame_size=FRAME_SIZE,
+        spec_augment=SPEC_AUGMENT, freq_masks=FREQ_MASKS, freq_mask_bins=FREQ_MASK_BINS, time_masks=TIME_MASKS,
+        time_mask_seconds=TIME_MASK_SECONDS, time_shift_seconds=TIME_SHIFT_SECONDS, frame_augment=FRAME_AUGMENT,
+        batch_size=BATCH_SIZE, num_workers=NUM_WORKERS, seed=SEED, output_dir=OUTPUT_DIR,
+        prepare_workers=PREPARE_WORKERS, calibration=CALIBRATION, calibration_clips=CALIBRATION_CLIPS,
+        calibration_source=CALIBRATION_SOURCE)
 
 
 def train_fold(run: RunFolder, fold: int, settings: DataSettings, cache, runtime, config: dict) -> dict:
@@ -201,7 +217,7 @@ def main() -> None:
     runtime = setup_runtime(DEVICE, AMP_DTYPE, SEED)
     print(runtime.describe())
     folds = [0] if TEST_ACTORS else fold_list(FOLD, N_FOLDS)  # checked before any slow data work
-    settings = settings_from_constants(config)
+    settings = data_settings()
     cache = prepare_data(settings)
     run = open_run("train_simple_working", RUN_NAME, OUTPUT_DIR, config, runtime.describe(), RESTART,
                    added_constants=_ADDED_CONSTANTS)

@@ -294,15 +294,13 @@ def prepare_child(script: str, args: list[str]) -> None:
     included, as its own command line would), then only its data preparation (data.setup.prepare_data)."""
     import importlib.util
 
-    from data.setup import prepare_data, settings_from_constants
-    from training.config import config_keys
+    from data.setup import prepare_data
 
     spec = importlib.util.spec_from_file_location("tune_train_script", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # a script does nothing on import but define its constants
     namespace = vars(module)
-    run_script(lambda: prepare_data(settings_from_constants({k: namespace[k] for k in config_keys(namespace)})),
-               namespace, args, user_errors=(DataError,))
+    run_script(lambda: prepare_data(module.data_settings()), namespace, args, user_errors=(DataError,))
 
 
 # ------------------------------------------------------------------------------------------------ trials

@@ -48,6 +48,7 @@ N_HEADS = 2  # width / 64
 N_KV_HEADS = 1
 MLP_HIDDEN = 480  # the full model's ratio 2816 / 768, rounded
 VISUAL_INPUT = "features"  # features (35-d per clip, fast) | frames (ResNet-18 per frame; slow in fp16 on a CPU)
+_VISUAL_INPUT_CHOICES = ("features", "frames")
 # --- synthetic data
 BATCH_SIZE = 8
 N_BATCHES = 4  # distinct batches, cycled, so that the loss can go down
@@ -62,6 +63,7 @@ STEPS = 20  # optimizer steps per recipe
 WEIGHT_DECAY = 0.01
 # --- precision and runtime
 DEVICE = "cpu"  # cpu | cuda | auto
+_DEVICE_CHOICES = ("cpu", "cuda", "auto")
 AMP_DTYPE = "float16"  # the legacy precision; float32 shows the same recipes without half-precision effects
 SEED = 0
 FULL_SIZE_PROBE = True  # also one float32 forward of the 150M model at init, legacy vs stable

@@ -37,6 +37,7 @@ AUDIO_FRAMES = 361  # log-mel frames (3.6 s at hop 160)
 FEATURE_DIM = 35  # per-clip visual features, when MODEL_CONFIG has visual_input="features"
 # --- precision
 AMP_DTYPE = "float16"  # float16 | float32 | bfloat16 (~70x slower on CPUs without native bf16)
+_AMP_DTYPE_CHOICES = ("float16", "float32", "bfloat16")
 # --- the GPU
 GPU_GIB = 15.0  # usable memory of the target card (a 16 GB T4 shows 15.0 GiB)
 CUDA_OVERHEAD_GIB = 0.8  # assumed: CUDA context + cuBLAS/cuDNN workspaces, outside PyTorch's allocator

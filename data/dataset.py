@@ -39,14 +39,15 @@ JITTER = 0.2                            # brightness, contrast and saturation fa
 @dataclass(frozen=True)
 class AudioAugment:
     """Training-time log-mel augmentation, drawn per sample: a random circular time shift, then SpecAugment
-    masks filled with the clip's mean (a zero would be a loud value on a log scale). The defaults are the
-    measured recipe of the README (one mask of each kind and the shift beat two narrow masks without shift)."""
+    masks filled with the clip's mean (a zero would be a loud value on a log scale). The mask defaults are the
+    measured recipe (docs/results.md: one mask of each kind and the shift beat two narrow masks without shift); the
+    shift is off unless given: the training scripts pass their TIME_SHIFT_SECONDS (through data.setup)."""
 
     freq_masks: int = 1
     freq_mask_bins: int = 10  # widest frequency mask, in mel bins
     time_masks: int = 1
     time_mask_seconds: float = 0.6  # widest time mask
-    time_shift_seconds: float = 0.3  # circular shift drawn uniformly in +- this
+    time_shift_seconds: float = 0.0  # circular shift drawn uniformly in +- this
 
     def __post_init__(self) -> None:
         if min(self.freq_masks, self.freq_mask_bins, self.time_masks) < 0 or \

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,32 +30,38 @@ SYNTHETIC_ACTORS = tuple(range(1, 13))
 DEFAULT_FRAMES = {"ravdess": (16, 112), "synthetic": (8, 64)}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class DataSettings:
-    dataset: str = "synthetic"  # "synthetic" or "ravdess"
-    data_root: str = "data/RAVDESS"
-    cache_dir: str = ""  # "" = <output_dir>/cache/<name of data_root>_<frames>x<size> (cache_plan)
-    channel: str = "speech"
-    modalities: tuple[str, ...] = ("audio", "visual")
-    visual_input: str = "frames"  # "frames" or "features"
-    feature_file: str = ""
-    n_frames: int = 0  # 0 = the dataset's default (DEFAULT_FRAMES)
-    frame_size: int = 0
-    spec_augment: bool = True
-    freq_masks: int = 1  # SpecAugment and time shift of training log-mels: see data.dataset.AudioAugment
-    freq_mask_bins: int = 10
-    time_masks: int = 1
-    time_mask_seconds: float = 0.6
-    time_shift_seconds: float = 0.3
-    frame_augment: bool = True
-    batch_size: int = 32
-    num_workers: int = 2
-    seed: int = 0
-    output_dir: str = "checkpoints"
-    prepare_workers: int = 0  # processes that preprocess the data into the cache on first use; 0 = one per CPU
-    calibration: str = "none"  # person calibration (data.calibration): none | person
-    calibration_clips: int = 0  # 0 = all of a person's clips, K = K clips drawn with `seed`
-    calibration_source: str = "any"  # any | neutral
+    """A script's data constants, each passed by keyword (`DataSettings(batch_size=BATCH_SIZE, ...)`): no field has a
+    default here, so each value has one home, the constant of the script that sets it."""
+
+    dataset: str  # "synthetic" or "ravdess"
+    data_root: str
+    cache_dir: str  # "" = <output_dir>/cache/<name of data_root>_<frames>x<size> (cache_plan)
+    channel: str
+    modalities: tuple[str, ...]
+    visual_input: str  # "frames" or "features"
+    feature_file: str
+    n_frames: int  # 0 = the dataset's default (DEFAULT_FRAMES)
+    frame_size: int
+    spec_augment: bool
+    freq_masks: int  # SpecAugment and time shift of training log-mels: see data.dataset.AudioAugment
+    freq_mask_bins: int
+    time_masks: int
+    time_mask_seconds: float
+    time_shift_seconds: float
+    frame_augment: bool
+    batch_size: int
+    num_workers: int
+    seed: int
+    output_dir: str
+    prepare_workers: int  # processes that preprocess the data into the cache on first use; 0 = one per CPU
+    calibration: str  # person calibration (data.calibration): none | person
+    calibration_clips: int  # 0 = all of a person's clips, K = K clips drawn with `seed`
+    calibration_source: str  # any | neutral
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "modalities", tuple(self.modalities))  # a list from a run config or --modalities
 
     @property
     def calibration_settings(self) -> CalibrationSettings:
@@ -135,11 +141,15 @@ def cache_plan(settings: DataSettings) -> tuple[Path, Path, int, int]:
     return root, cache, n_frames, size
 
 
-def settings_from_constants(constants: dict) -> DataSettings:
-    """The DataSettings named by a script's constants (DATASET, DATA_ROOT, ..., the field names in upper case);
-    fields a script does not define keep their defaults."""
-    values = {f.name: constants[f.name.upper()] for f in fields(DataSettings) if f.name.upper() in constants}
-    return DataSettings(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+# Reading old run configs only: a run made before a constant existed trained with this value, so a stored config
+# that lacks the key behaves as it did (predict.py and visualize_attention.py read such configs through
+# `run_data_settings`). A training script never falls back on this table: it passes every value itself.
+_BEFORE_CONSTANT = {"DATA_ROOT": "data/RAVDESS", "CACHE_DIR": "", "CHANNEL": "speech",
+                    "MODALITIES": ("audio", "visual"), "VISUAL_INPUT": "frames", "FEATURE_FILE": "", "N_FRAMES": 0,
+                    "FRAME_SIZE": 0, "SPEC_AUGMENT": True, "FREQ_MASKS": 1, "FREQ_MASK_BINS": 10, "TIME_MASKS": 1,
+                    "TIME_MASK_SECONDS": 0.6, "TIME_SHIFT_SECONDS": 0.3, "FRAME_AUGMENT": True, "BATCH_SIZE": 32,
+                    "NUM_WORKERS": 2, "SEED": 0, "OUTPUT_DIR": "checkpoints", "PREPARE_WORKERS": 0,
+                    "CALIBRATION": "none", "CALIBRATION_CLIPS": 0, "CALIBRATION_SOURCE": "any"}
 
 
 def run_data_settings(run_config: dict) -> DataSettings | None:
@@ -147,7 +157,16 @@ def run_data_settings(run_config: dict) -> DataSettings | None:
     (predict.py and visualize_attention.py use it to find the cache and feature file a checkpoint was trained on)."""
     if run_config.get("DATASET") not in DATASETS:
         return None
-    return settings_from_constants(run_config)
+    c = {**_BEFORE_CONSTANT, **run_config}
+    return DataSettings(
+        dataset=c["DATASET"], data_root=c["DATA_ROOT"], cache_dir=c["CACHE_DIR"], channel=c["CHANNEL"],
+        modalities=c["MODALITIES"], visual_input=c["VISUAL_INPUT"], feature_file=c["FEATURE_FILE"],
+        n_frames=c["N_FRAMES"], frame_size=c["FRAME_SIZE"], spec_augment=c["SPEC_AUGMENT"],
+        freq_masks=c["FREQ_MASKS"], freq_mask_bins=c["FREQ_MASK_BINS"], time_masks=c["TIME_MASKS"],
+        time_mask_seconds=c["TIME_MASK_SECONDS"], time_shift_seconds=c["TIME_SHIFT_SECONDS"],
+        frame_augment=c["FRAME_AUGMENT"], batch_size=c["BATCH_SIZE"], num_workers=c["NUM_WORKERS"], seed=c["SEED"],
+        output_dir=c["OUTPUT_DIR"], prepare_workers=c["PREPARE_WORKERS"], calibration=c["CALIBRATION"],
+        calibration_clips=c["CALIBRATION_CLIPS"], calibration_source=c["CALIBRATION_SOURCE"])
 
 
 def prepare_data(settings: DataSettings) -> Path:

@@ -17,11 +17,20 @@ from data.setup import DataSettings, make_split, prepare_data
 from tests.shared_paths import REPO
 
 
+def script_settings(**values) -> DataSettings:
+    """train_simple_working.py's data settings (its constants, passed by keyword) with `values` changed."""
+    import dataclasses
+
+    import train_simple_working
+
+    return dataclasses.replace(train_simple_working.data_settings(), **values)
+
+
 def test_data_root_that_is_a_file_is_named_a_file(tmp_path):
     wav = tmp_path / "03-01-03-01-01-01-01.wav"
     wav.write_bytes(b"")
     with pytest.raises(DataError, match="DATA_ROOT .* is a file: give the folder"):
-        prepare_data(DataSettings(dataset="ravdess", data_root=str(wav), output_dir=str(tmp_path)))
+        prepare_data(script_settings(dataset="ravdess", data_root=str(wav), output_dir=str(tmp_path)))
 
 
 def test_a_cache_whose_clips_all_failed_says_so_not_that_the_actor_list_is_empty(tmp_path):
@@ -87,7 +96,7 @@ def test_quick_start_media_are_deleted_once_cached_and_preprocessing_has_its_own
     monkeypatch.setattr(setup, "prepare_cache",
                         lambda *args, **kwargs: calls.append(kwargs["workers"]) or real_prepare(*args, **kwargs))
     # NUM_WORKERS=0 (DataLoader in the main process) must not mean "preprocess on every CPU".
-    settings = DataSettings(output_dir=str(tmp_path), num_workers=0, prepare_workers=1)
+    settings = script_settings(output_dir=str(tmp_path), num_workers=0, prepare_workers=1)
     cache = prepare_data(settings)
     assert calls == [1] and json.loads((cache / "manifest.json").read_text())["complete"]
     assert not (tmp_path / "synthetic_ravdess").exists()  # ~100 MB of generated media not left behind

@@ -2,10 +2,10 @@
 
 Values are parsed as Python literals (`--modalities="('audio',)"`, `--amp=False`); anything that is not a
 literal stays a string (`--data_root=/content/drive/RAVDESS`); a bare `--flag` sets a True/False constant to True.
-The script's own source documents its constants: the comment after a constant is its help text, and a comment
-that lists values as `a | b | c` makes it a choice constant, checked before the script does any work
-(`--fusion=crossattention` -> one line naming the allowed values and the closest one). `--help` prints the
-docstring and every constant with its comment and value.
+The script's own source documents its constants: the comment after a constant is its help text. A choice constant
+declares its allowed values beside it in code (`FUSION = "gated"`, then `_FUSION_CHOICES = ("concat", ...)`);
+they are checked before the script does any work (`--fusion=crossattention` -> one line naming the allowed values
+and the closest one). `--help` prints the docstring and every constant with its comment and value.
 """
 from __future__ import annotations
 
@@ -63,47 +63,6 @@ def _check_type(key: str, old: object, new: object) -> object:
     return new
 
 
-# One allowed value of a choice constant: a word, optionally quoted ("cuda:1" and "1e-3" included).
-_CHOICE = r'"?([\w.-]+(?::\w+)?)"?'
-
-
-def _strip_parentheses(text: str) -> str:
-    while True:
-        stripped = re.sub(r"\([^()]*\)", "", text)
-        if stripped == text:
-            return text
-        text = stripped
-
-
-def _first_choice(text: str) -> list[str]:
-    """The values named by the part of a comment before its first `|`: `small: what it means` -> small,
-    `metric that picks the best checkpoint: accuracy` -> accuracy, `None: the recipe's; else default` -> both."""
-    values = []
-    for segment in _strip_parentheses(text).split(";"):
-        segment = re.sub(r"^\s*else\s+", "", segment).strip()
-        before, colon, after = segment.partition(": ")
-        words = (after.split() if colon and len(after.split()) == 1 else before.split()[-1:] if colon
-                 else segment.split()[-1:])
-        values += [m.group(1) for w in words if (m := re.fullmatch(_CHOICE, w))]
-    return values
-
-
-def parse_choices(comment: str) -> list[str] | None:
-    """The allowed values a constant's comment lists as `a | b | c` (each may be followed by `: description` or a
-    parenthesis); None when the comment lists none."""
-    parts = comment.split("|")
-    if len(parts) < 2:
-        return None
-    values = _first_choice(parts[0])
-    for part in parts[1:]:
-        # A value is one word, then the end, a `: description` or a parenthesis; "a name in X" is prose.
-        match = re.match(r"\s*" + _CHOICE + r"\s*(?:$|:|\()", part)
-        if match is None:
-            return None
-        values.append(match.group(1))
-    return values if len(values) >= 2 else None
-
-
 @dataclass
 class ConstantDoc:
     """What a script's source says about one of its constants."""
@@ -111,7 +70,6 @@ class ConstantDoc:
     comment: str  # the comment on the constant's line(s)
     heading: str  # the heading of its group, a comment such as "# ---- data" -> "data"
     notes: list[str]  # comment lines between the previous constant and this one, other than the heading
-    choices: list[str] | None  # allowed values, from a comment that lists them as `a | b | c`
 
 
 def constant_docs(source: str) -> dict[str, ConstantDoc]:
@@ -137,7 +95,7 @@ def constant_docs(source: str) -> dict[str, ConstantDoc]:
         last_line = node.end_lineno or node.lineno
         comment = " ".join(comments[row] for row in range(node.lineno, last_line + 1) if row in comments)
         notes = [text for text in between if not text.startswith("--")]
-        docs[node.targets[0].id] = ConstantDoc(comment, heading, notes, parse_choices(comment))
+        docs[node.targets[0].id] = ConstantDoc(comment, heading, notes)
     return docs
 
 
@@ -149,26 +107,37 @@ def script_docs(namespace: dict) -> dict[str, ConstantDoc]:
     return constant_docs(Path(path).read_text())
 
 
-def _allowed(value: object, choices: list[str]) -> bool:
-    return value is None and "None" in choices or isinstance(value, str) and value in choices
+def choice_name(key: str) -> str:
+    """Where a script declares the allowed values of its choice constant `key`: the private tuple beside it,
+    `FUSION = "gated"` then `_FUSION_CHOICES = ("concat", "gated", ...)` (None may be one of them)."""
+    return f"_{key}_CHOICES"
 
 
-def check_choices(namespace: dict, docs: dict[str, ConstantDoc], defaults: dict) -> None:
-    """Raise a one-line ConfigError for a choice constant whose value is not one of the values its comment lists
-    (a string, or each string of a tuple/list). A constant whose default the list does not cover is not
-    treated as a choice: its comment describes something else."""
-    for key, doc in docs.items():
-        if doc.choices is None or key not in namespace:
-            continue
-        default, value = defaults.get(key), namespace[key]
-        several = isinstance(default, (list, tuple))
-        if not all(_allowed(v, doc.choices) for v in (default if several else [default])):
-            continue
-        for item in (value if several and isinstance(value, (list, tuple)) else [value]):
-            if not _allowed(item, doc.choices):
-                close = difflib.get_close_matches(str(item), doc.choices, n=1, cutoff=0.5)
+def declared_choices(namespace: dict) -> dict[str, tuple]:
+    """{constant: its allowed values} of the choice constants a script's namespace declares."""
+    return {key: tuple(namespace[choice_name(key)]) for key in config_keys(namespace)
+            if isinstance(namespace.get(choice_name(key)), (tuple, list))}
+
+
+def source_choices(source: str, key: str) -> tuple:
+    """The allowed values a script's source declares for `key` (read without importing the script); () if none."""
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [choice_name(key)]:
+            return tuple(ast.literal_eval(node.value))
+    return ()
+
+
+def check_choices(namespace: dict) -> None:
+    """Raise a one-line ConfigError for a choice constant whose value (a string, or each item of a tuple/list) is
+    not one of the values its script declares, naming them and the closest one."""
+    for key, choices in declared_choices(namespace).items():
+        value = namespace[key]
+        for item in (value if isinstance(value, (list, tuple)) else [value]):
+            if item not in choices:
+                names = [str(c) for c in choices]
+                close = difflib.get_close_matches(str(item), names, n=1, cutoff=0.5)
                 hint = f" (did you mean {close[0]}?)" if close else ""
-                raise ConfigError(f"--{key.lower()}={item} is not one of {' | '.join(doc.choices)}{hint}")
+                raise ConfigError(f"--{key.lower()}={item} is not one of {' | '.join(names)}{hint}")
 
 
 def _docstring_as_written(namespace: dict) -> str:
@@ -291,7 +260,6 @@ def apply_overrides(namespace: dict, argv: list[str]) -> dict:
     numeric ranges and output folder; return the resolved config. A bare `--flag` of a True/False constant means
     `--flag=True`."""
     keys = config_keys(namespace)
-    defaults = {k: namespace[k] for k in keys}
     explicit: set[str] = set()
     for arg in argv:
         flag = arg[2:].replace("-", "_").upper()
@@ -308,7 +276,7 @@ def apply_overrides(namespace: dict, argv: list[str]) -> dict:
         namespace[key] = _check_type(key, namespace[key], _parse_value(text))
         explicit.add(key)
     apply_preset(namespace, explicit)
-    check_choices(namespace, script_docs(namespace), defaults)
+    check_choices(namespace)
     check_ranges(namespace)
     check_output_dir(namespace)
     return {k: namespace[k] for k in config_keys(namespace)}
