@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training.config import ConfigError, run_script, source_choices
+from common.config import ConfigError, run_script, source_choices
 
 _TRAIN_SCRIPT = Path(__file__).with_name("train_lite_model.py")
 

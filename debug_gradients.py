@@ -51,7 +51,7 @@ from models.lfm2 import LFM2Stack
 from data.ravdess import DataError
 from data.synthetic import make_synthetic_cache
 from training.checkpoint import load_checkpoint, rebuild_model
-from training.config import ConfigError, config_keys, run_script
+from common.config import ConfigError, config_keys, run_script
 from training.monitor import ModuleMonitor
 from training.runs import RunFolder
 from training.runtime import Runtime, setup_runtime

@@ -52,7 +52,7 @@ from data.setup import cache_plan, run_data_settings
 from data.windows import MEDIA_EXTENSIONS, Windows, is_video, read_windows, to_batch, window_inputs
 from models import ModelConfigError
 from training.checkpoint import load_checkpoint, rebuild_model, resolve_checkpoint, stored_calibration
-from training.config import ConfigError, run_script
+from common.config import ConfigError, run_script
 from training.runtime import resolve_device
 
 # ---- model

@@ -29,8 +29,8 @@ from PIL import Image
 
 from models.encoders import FACE_CHECKPOINT_KIND
 from models.face_classifier import FaceClassifier
-from training.config import ConfigError, config_keys, run_script
-from training.distributed import from_main, shard, world_size, wrap_model
+from common.config import ConfigError, config_keys, run_script
+from common.distributed import from_main, shard, world_size, wrap_model
 from training.progress import EpochStats, FoldCheckpoints, Progress, crash_exit, end_epoch, resume
 from training.runs import RunFolder
 from training.runtime import setup_runtime

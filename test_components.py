@@ -301,6 +301,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    from training.config import run_script
+    from common.config import run_script
 
     run_script(main, globals(), sys.argv[1:])

@@ -26,16 +26,15 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
+from common.config import config_keys, run_script
+from common.distributed import all_ranks_true, is_main, wrap_model
 from data.setup import DataSettings, build_loaders, make_split, prepare_data
 from data.ravdess import DataError
 from models import ModelConfigError, build_model
-from training.config import config_keys, run_script
-from training.distributed import all_ranks_true, is_main, wrap_model
 from training.ema import WeightEMA
-from training.progress import (EpochStats, FoldCheckpoints, TestPlan, check_selection, crash_exit, cross_validate,
-                               end_epoch, epoch_line, final_test, fold_list, next_stage, open_run, resume,
-                               selected_model, validate)
-from training.runs import RunFolder
+from training.evaluation import TestPlan, check_selection, final_test, selected_model, validate
+from training.progress import EpochStats, FoldCheckpoints, crash_exit, end_epoch, epoch_line, next_stage, resume
+from training.runs import RunFolder, cross_validate, fold_list, open_run
 from training.runtime import setup_runtime
 from training.stages import make_optimizer, set_trainable, train_mode
 from training.step import NonFiniteLossError, StepResult, cosine_lr, cross_entropy, move_batch, set_lr

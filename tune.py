@@ -48,8 +48,8 @@ import warnings
 from pathlib import Path
 
 from data.ravdess import DataError, Split, kfold_split
-from training.config import ConfigError, parse_actors, run_script
-from training.files import atomic_write, atomic_write_text
+from common.config import ConfigError, parse_actors, run_script
+from common.files import atomic_write, atomic_write_text
 
 # ---- what to tune
 TRAIN_SCRIPT = "train_lite_model.py"  # a training script of this repository, or a path to one

@@ -35,7 +35,7 @@ from data.windows import read_windows, to_batch
 from models.layers import AttentionMap
 from training.checkpoint import (load_checkpoint, rebuild_model, resolve_checkpoint, stored_calibration,
                                  stored_feature_stats)
-from training.config import ConfigError, config_keys, run_script
+from common.config import ConfigError, config_keys, run_script
 from training.runs import RunFolder
 from training.runtime import resolve_device
 

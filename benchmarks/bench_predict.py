@@ -37,7 +37,7 @@ from data.ravdess import DataError  # noqa: E402
 from data.synthetic import make_synthetic_ravdess  # noqa: E402
 from data.windows import read_windows, to_batch  # noqa: E402
 from models import ModelConfigError, build_model  # noqa: E402
-from training.config import ConfigError, run_script  # noqa: E402
+from common.config import ConfigError, run_script  # noqa: E402
 
 # --- machine
 THREADS = 2  # torch and OpenCV threads (ffmpeg, a separate process, picks its own)

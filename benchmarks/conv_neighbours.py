@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 from data.dataset import RavdessDataset  # noqa: E402
 from data.synthetic import make_synthetic_cache  # noqa: E402
 from models.full import MultimodalFER  # noqa: E402
-from training.config import run_script  # noqa: E402
+from common.config import run_script  # noqa: E402
 from training.runtime import setup_runtime  # noqa: E402
 from training.stages import make_optimizer  # noqa: E402
 from training.step import cosine_lr, evaluate, set_lr, train_step  # noqa: E402

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.results_table import find_run, row_runs  # noqa: E402
 from data.setup import build_loaders, make_split, run_data_settings  # noqa: E402
 from training.checkpoint import load_checkpoint, rebuild_model  # noqa: E402
-from training.config import ConfigError, run_script  # noqa: E402
+from common.config import ConfigError, run_script  # noqa: E402
 from training.runtime import setup_runtime  # noqa: E402
 from training.step import evaluate  # noqa: E402
 

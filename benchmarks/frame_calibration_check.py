@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.preprocess import Settings, face_crops, read_frames_at  # noqa: E402
-from training.config import ConfigError, run_script  # noqa: E402
+from common.config import ConfigError, run_script  # noqa: E402
 
 SAMPLE_DIR = "../shared/data/ravdess_video_sample"  # actor_portraits/Actor_XX.png and the 01-...-01.mp4 clip
 FRAME_SIZE = 112  # face crop side, as in training on RAVDESS

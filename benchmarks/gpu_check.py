@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python benchmarks/...` from anywhere
 
 from models import build_model  # noqa: E402
-from training.config import ConfigError, run_script  # noqa: E402
+from common.config import ConfigError, run_script  # noqa: E402
 from training.runtime import Runtime, resolve_amp_dtype  # noqa: E402
 from training.stages import make_optimizer  # noqa: E402
 from training.step import NonFiniteLossError, train_step  # noqa: E402

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python b
 
 from models.full import MASSIVE_BLOCK, MultimodalFER  # noqa: E402
 from models.lfm2 import LFM2Stack, plant_massive_activations  # noqa: E402
-from training.config import ConfigError, run_script  # noqa: E402
+from common.config import ConfigError, run_script  # noqa: E402
 from training.monitor import ModuleMonitor  # noqa: E402
 from training.runtime import setup_runtime  # noqa: E402
 from training.stages import make_optimizer  # noqa: E402

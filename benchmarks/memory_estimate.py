@@ -23,7 +23,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as `python benchmarks/...` from anywhere
 
 from models.full import MultimodalFER  # noqa: E402
-from training.config import ConfigError, run_script  # noqa: E402
+from common.config import ConfigError, run_script  # noqa: E402
 
 # --- model
 MODEL_CONFIG = {}  # MultimodalFER arguments that differ from its defaults, e.g. {"width": 512}

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from training.config import run_script  # noqa: E402
+from common.config import run_script  # noqa: E402
 
 OUTPUT_DIR = "checkpoints"  # where benchmarks/real_data_cv.sh wrote its run folders
 MAX_SEEDS = 10  # seeds looked for per row (bench_<row>_seed1 ... _seed9)

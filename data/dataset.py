@@ -350,7 +350,7 @@ def make_loaders(train: RavdessDataset, val: RavdessDataset, test: RavdessDatase
 
     With `world_size` > 1 processes (torchrun) the training loader holds this rank's share of the shuffled order, a
     `DistributedSampler` (the same permutation on every rank, padded to equal shares; `Loaders.set_epoch` seeds
-    it). Val and test stay whole: rank 0 evaluates them (training.progress.validate).
+    it). Val and test stay whole: rank 0 evaluates them (training.evaluation.validate).
 
     With workers, every random stream a run draws from is a function of (seed, epoch), so a resumed run is the
     uninterrupted one: the training workers start afresh each epoch, seeded from the generator `Loaders.set_epoch`

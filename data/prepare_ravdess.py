@@ -46,6 +46,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from training.config import run_script
+    from common.config import run_script
 
     run_script(main, globals(), sys.argv[1:], user_errors=(DataError,))

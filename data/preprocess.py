@@ -45,7 +45,7 @@ import torchaudio
 from tqdm import tqdm
 
 from data.ravdess import Clip, DataError, Discovery, scan
-from training.files import atomic_write_text
+from common.files import atomic_write_text
 
 try:
     import fcntl

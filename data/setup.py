@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader, DistributedSampler
 
+from common import distributed
+from common.config import parse_actors
 from data.calibration import CalibrationSettings
 from data.dataset import AudioAugment, build_datasets, load_manifest, make_loaders, shift_step_frames
 from data.preprocess import cache_lock, prepare_cache
 from data.ravdess import EMOTIONS, DataError, Split, kfold_split, split_actors
 from data.synthetic import make_synthetic_ravdess
-from training import distributed
 
 DATASETS = ("synthetic", "ravdess")
 # The quick-start synthetic set: 12 actors so that a 6-fold split has 8 training actors per fold.
@@ -234,7 +235,6 @@ def make_split(cache: Path, actors: str | list[int], n_folds: int, fold: int, n_
     """Explicit TEST_ACTORS/VAL_ACTORS when given, else fold `fold` of the k-fold split over `actors`
     ("auto": every actor in the cache, e.g. 1-24 for the full RAVDESS, 1-12 for the synthetic set)."""
     from data.ravdess import _ranges
-    from training.config import parse_actors
 
     available = cached_actors(cache)
     actors = available if actors == "auto" else parse_actors(actors)

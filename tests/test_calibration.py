@@ -228,7 +228,7 @@ def test_visualize_attention_calibrates_a_cache_clip_as_in_training(tmp_path, mo
     from data.synthetic import make_synthetic_cache
     from models import build_model
     from training.checkpoint import calibration_entry, feature_stats_entry, make_state, save_checkpoint
-    from training.config import ConfigError
+    from common.config import ConfigError
 
     cache = make_synthetic_cache(tmp_path / "cache", actors=(1,), takes=1, n_frames=4, size=32, seconds=1.0)
     ids = [clip["clip_id"] for clip in json.loads((cache / "manifest.json").read_text())["clips"]]

@@ -14,7 +14,7 @@ from data.synthetic import make_synthetic_cache
 from models import build_model
 from training.checkpoint import (feature_stats_entry, load_checkpoint, make_state, resolve_checkpoint,
                                  save_checkpoint, stored_feature_stats)
-from training.config import ConfigError
+from common.config import ConfigError
 
 TINY_FEATURE_LITE = {"width": 32, "audio_channels": [4, 8, 8, 16], "audio_tokens": 4, "visual_input": "features",
                      "feature_dim": 6, "visual_tokens": 4, "fusion": "cross_attention", "fusion_layers": 1,

@@ -19,7 +19,7 @@ from data.dataset import RavdessDataset
 from data.synthetic import make_synthetic_cache, make_synthetic_ravdess
 from models import build_model
 from training.checkpoint import make_state, save_checkpoint
-from training.config import run_script
+from common.config import run_script
 from training.monitor import ModuleMonitor, hook_count
 from training.runs import RunFolder
 from training.runtime import Runtime

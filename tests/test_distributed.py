@@ -154,7 +154,7 @@ def _rank_process(rank: int, port: int, roots: list[str], results: dict) -> None
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from training import distributed
+    from common import distributed
     from training.runs import RunFolder
     from training.runtime import setup_runtime
 
@@ -196,7 +196,7 @@ def _ddp_steps_match_one_process(rank: int) -> bool:
     import copy
 
     from models import build_model
-    from training import distributed
+    from common import distributed
     from training.runtime import Runtime
     from training.step import train_step
 

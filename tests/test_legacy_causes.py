@@ -15,7 +15,7 @@ from data import preprocess
 from models.full import MultimodalFER
 from models.lfm2 import GatedShortConv, InputDtypeRMSNorm, LFM2Stack, ScaledDotProductAttention
 from models.layers import RMSNorm
-from training.config import ConfigError
+from common.config import ConfigError
 from training.runtime import Runtime
 
 FP16 = Runtime(torch.device("cpu"), torch.float16)

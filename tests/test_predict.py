@@ -23,7 +23,7 @@ from data.synthetic import Take, make_synthetic_ravdess, render_audio
 from data.windows import read_windows, to_batch, window_starts
 from models import build_model
 from training.checkpoint import make_state, save_checkpoint
-from training.config import ConfigError
+from common.config import ConfigError
 from tests.shared_paths import REPO
 
 SMALL_CONFIGS = {

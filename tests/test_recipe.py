@@ -13,9 +13,9 @@ import torch
 from data.dataset import AudioAugment, spec_augment
 from models.simple_cnn import SimpleCNN
 from tests.test_train_scripts import REPO, run_main, script, tiny_overrides  # noqa: F401 (fixture)
-from training.config import ConfigError
+from common.config import ConfigError
 from training.ema import WeightEMA
-from training.progress import check_selection
+from training.evaluation import check_selection
 from training.runtime import setup_runtime
 from training.step import evaluate
 
@@ -188,7 +188,7 @@ def test_a_finished_run_is_tested_again_under_another_selection(script, syntheti
 
 
 def test_preset_first_then_explicit_constants():
-    done = run_cli(["-c", "import sys, train_lite_model as s; from training.config import apply_overrides; "
+    done = run_cli(["-c", "import sys, train_lite_model as s; from common.config import apply_overrides; "
                           "apply_overrides(vars(s), sys.argv[1:]); "
                           "print(s.WIDTH, s.DROPOUT, s.FUSION_LAYERS, s.STAGE1_EPOCHS, s.SELECT_CHECKPOINT)",
                     "--preset=cpu", "--dropout=0.4"])
@@ -250,7 +250,7 @@ def test_train_step_with_mixup_weights_both_labels_losses():
 
 
 def test_a_run_made_before_a_constant_existed_continues_with_its_old_value(tmp_path):
-    from training.progress import open_run
+    from training.runs import open_run
 
     made = open_run("script", "old", str(tmp_path), {"LR": 0.002}, "cpu")
     (made.dir / "log.jsonl").write_text("{}\n")  # it trained (a run that never trained blocks nothing)

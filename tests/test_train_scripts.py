@@ -120,7 +120,7 @@ def test_checkpoint_of_another_model_is_a_clear_error(script, synthetic_root, sy
     from data.ravdess import DataError
     from models import ModelConfigError, build_model
     from training.checkpoint import make_state, save_checkpoint
-    from training.config import run_script
+    from common.config import run_script
 
     lite = build_model("lite", {"width": 32, "frame_backbone": "small", "fusion": "concat"})
     save_checkpoint(tmp_path / "train_simple_working" / "mixed" / "fold0" / "ckpt_last.pt", make_state(lite, "lite"))

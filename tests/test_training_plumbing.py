@@ -13,9 +13,9 @@ import pytest
 import torch
 from torch import nn
 
-from training import config as cfg
+from common import config as cfg
 from training.checkpoint import load_checkpoint, load_model_weights, make_state, save_checkpoint
-from training.config import ConfigError, apply_overrides
+from common.config import ConfigError, apply_overrides
 from training.metrics import classification_metrics, summarize_folds
 from training.runtime import Runtime, resolve_amp_dtype, setup_runtime
 from training.stages import make_optimizer, set_trainable, train_mode
@@ -174,7 +174,7 @@ def test_cosine_lr_warms_up_then_decays():
 def test_parallel_folds_writing_the_run_config_do_not_collide(tmp_path, monkeypatch):
     """Two fold processes start one cross-validation run at once, both writing its config.json: process B writes
     and renames while A sits between its write and its rename. A's rename must still find its own file."""
-    from training import files
+    from common import files
 
     path = tmp_path / "config.json"
     real_replace, real_getpid = files.os.replace, files.os.getpid

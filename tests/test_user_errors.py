@@ -17,8 +17,8 @@ from tests.conftest import imported_script
 from tests.shared_paths import REPO
 from tests.test_train_scripts import run_main, tiny_overrides
 from training.checkpoint import make_state, save_checkpoint
-from training.config import ConfigError, run_script
-from training.progress import open_run
+from common.config import ConfigError, run_script
+from training.runs import open_run
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.config import ConfigError
-from training.files import atomic_write
+from common.config import ConfigError
+from common.files import atomic_write
 from training.runtime import rng_state
 
 

@@ -1,4 +1,6 @@
-"""Run folders: `checkpoints/<script>/<run_name>/` with config.json, log.jsonl, checkpoints, metrics and figures.
+"""Run folders and the cross-validation report: `checkpoints/<script>/<run_name>/` with config.json, log.jsonl,
+checkpoints, metrics and figures; which runs a changed constant may continue (open_run); one folder per fold and
+the mean +- std over folds (cross_validate).
 
 The same command with the same run name finds `ckpt_last.pt` there and resumes (a Colab disconnect loses
 at most one epoch).
@@ -12,14 +14,16 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from common.config import ConfigError, to_jsonable
+from common.distributed import from_main, is_main, rank, world_size
+from common.files import atomic_write_text
 from training.checkpoint import atomic_torch_save
-from training.config import to_jsonable
-from training.distributed import is_main, rank, world_size
-from training.files import atomic_write_text
+from training.metrics import summarize_folds
 
 CHECKPOINT_ROOT = Path("checkpoints")
 
@@ -179,3 +183,111 @@ class RunFolder:
         plt.close(fig)
         return path
 
+
+def fold_list(fold: int | str, n_folds: int) -> list[int]:
+    """FOLD="all" runs every fold of the cross-validation, an int runs that one fold."""
+    if fold == "all":
+        return list(range(n_folds))
+    if isinstance(fold, int) and 0 <= fold < n_folds:
+        return [fold]
+    raise ConfigError(f"FOLD must be 'all' or 0..{n_folds - 1}, got {fold!r}")
+
+
+# Constants that may differ between invocations of one run: which fold a process trains, where and on how many
+# processes it runs (SYNC_BATCHNORM acts only under torchrun; runs made before it existed resume).
+RUN_INDEPENDENT_KEYS = ("FOLD", "NUM_WORKERS", "PREPARE_WORKERS", "DEVICE", "RESTART", "RUN_NAME", "OUTPUT_DIR",
+                        "SYNC_BATCHNORM")
+
+
+def only_retests(key: str, old: object, new: object) -> bool:
+    """Whether changing constant `key` from `old` to `new` changes only how a run's saved weights are tested: then
+    a finished fold is tested again (`cross_validate`) instead of the run being refused. Not best_val:
+    it stops training early and selects on validation actors."""
+    return key == "TEST_TIME_SHIFTS" or (key == "SELECT_CHECKPOINT" and {old, new} <= {"last", "ema"})
+
+
+def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_description: str,
+             restart: bool = False, added_constants: dict | None = None) -> RunFolder:
+    """The run folder, with config.json written; refuses to continue a run made with other constants.
+
+    A run resumes (or reports its finished folds) under its RUN_NAME; with changed constants that would mix two
+    recipes in one result, so it is a one-line error unless `restart` deletes the old folder first. A run folder
+    that never trained (its attempt failed before the first epoch) blocks nothing: its config.json is replaced.
+    `added_constants`: constants the script gained after runs were made, each with the value that behaves as the
+    script did before it existed; a run whose config lacks one was made with that value.
+    """
+    run = RunFolder(script, run_name, output_dir)
+    if not is_main():  # rank 0 checks, deletes and writes
+        return run
+    previous = run.read_metrics("config.json")
+    if previous is not None and not run.has_trained():
+        previous = None  # an attempt that failed before training holds no result a change could mix with
+    if previous is not None and restart:
+        shutil.rmtree(run.dir)
+        run = RunFolder(script, run_name, output_dir)
+    elif previous is not None:
+        old = {**to_jsonable(added_constants or {}), **previous.get("config", {})}
+        new = to_jsonable(config)
+        changed = [k for k in sorted(set(old) | set(new)) if k not in RUN_INDEPENDENT_KEYS
+                   and old.get(k) != new.get(k) and not only_retests(k, old.get(k), new.get(k))]
+        if changed:
+            detail = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+            more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+            raise ConfigError(f"{run.dir} was made with other constants ({detail}{more}); use another --run_name, "
+                              "or --restart=True to delete it and start over")
+    run.write_config(config, runtime_description)
+    return run
+
+
+def cross_validate(run: RunFolder, folds: list[int], train_fold: Callable[[RunFolder, int], dict],
+                   protocol: str, explicit_split: bool = False, select: str | None = None,
+                   test_time_shifts: int = 0) -> list[dict]:
+    """Train each fold (skipping folds whose metrics.json exists) and report mean +- std when there are several.
+
+    One folder per fold, so folds can also run as separate processes (--fold=0, --fold=1, ... on several GPUs or
+    sessions) and a later --fold=all only collects their metrics.json. An explicit split uses the run folder.
+    `select` and `test_time_shifts` (SELECT_CHECKPOINT, TEST_TIME_SHIFTS): how folds are tested now; a finished fold
+    tested otherwise goes through `train_fold` again, which resumes after its last epoch and only tests.
+    When a fold fails before anything of the run was trained (a bad value found while building the data or the
+    model), the run folder is deleted: rerunning with the value fixed starts clean.
+    """
+    test_plan = {"selection": select, "test_time_shifts": test_time_shifts} if select is not None else {}
+    results = []
+    for fold in folds:
+        fold_run = run if explicit_split else run.sub(f"fold{fold}")
+        finished = from_main(fold_run.read_metrics)  # rank 0's file decides, for every rank
+        if finished is not None and any(finished.get(k) != v for k, v in test_plan.items()):
+            was = ", ".join(f"{k} {finished.get(k)!r}" for k in test_plan)
+            now = ", ".join(f"{k} {v!r}" for k, v in test_plan.items())
+            if not from_main(fold_run.has_checkpoint):
+                raise ConfigError(f"{fold_run.dir} has no ckpt_last.pt to test again with {now}; "
+                                  f"set back {was}, or --restart=True")
+            print(f"fold {fold} finished earlier, tested with {was}: testing its saved weights with {now}")
+            finished = None
+        if finished is not None:
+            print(f"fold {fold} finished earlier: test accuracy {finished['accuracy']:.1%}, UAR {finished['uar']:.1%} "
+                  f"({fold_run.dir / 'metrics.json'}; --restart=True trains it again)")
+        try:
+            results.append(finished or train_fold(fold_run, fold))
+        except BaseException:
+            run.discard_untrained(fold_run)  # an attempt that failed before training leaves no folder behind
+            raise
+    if len(folds) > 1:
+        report_folds(run, results, protocol)
+    return results
+
+
+def report_folds(run: RunFolder, fold_metrics: list[dict], protocol: str) -> dict:
+    """Print the per-fold table and mean +- std; write cv_metrics.json beside the fold folders."""
+    summary = {"protocol": protocol, **summarize_folds(fold_metrics),
+               "folds": [{k: m[k] for k in ("fold", "test_actors", "accuracy", "uar", "macro_f1")}
+                         for m in fold_metrics]}
+    print(f"\n{protocol}")
+    print(f"{'fold':>4}  {'test actors':<14} {'accuracy':>9} {'UAR':>7} {'macro-F1':>9}")
+    for m in summary["folds"]:
+        actors = f"{min(m['test_actors'])}-{max(m['test_actors'])}"
+        print(f"{m['fold']:>4}  {actors:<14} {m['accuracy']:>9.1%} {m['uar']:>7.1%} {m['macro_f1']:>9.1%}")
+    acc, uar = summary["accuracy"], summary["uar"]
+    print(f"mean  {'':<14} {acc['mean']:>9.1%} {uar['mean']:>7.1%}   (std {acc['std']:.1%} / {uar['std']:.1%})")
+    run.write_metrics(summary, "cv_metrics.json")
+    return summary

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from training import distributed
-from training.config import ConfigError
+from common import distributed
+from common.config import ConfigError
 
 AMP_DTYPES = {"float32": None, "fp32": None, "float16": torch.float16, "fp16": torch.float16,
               "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -79,7 +79,7 @@ def seed_everything(seed: int) -> None:
 def setup_runtime(device: str = "auto", amp_dtype: str = "auto", seed: int = 0) -> Runtime:
     """Pick the device and precision, seed every generator; returns the `Runtime` the train step uses.
 
-    Under torchrun it first joins the process group (`training.distributed`): process i of a node takes
+    Under torchrun it first joins the process group (`common.distributed`): process i of a node takes
     cuda:LOCAL_RANK, and each rank seeds `seed + rank` so dropout and augmentation differ between processes (DDP
     copies rank 0's initial weights to every rank)."""
     resolved = resolve_device(device)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.distributed import all_ranks_true
+from common.distributed import all_ranks_true
 from training.metrics import classification_metrics
 from training.runtime import Runtime
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from training import distributed
+from common import distributed
 
 
 class ConfigError(ValueError):
