@@ -11,9 +11,9 @@ figures/activation_heatmap.png instead: log10 max |activation|) and report.txt. 
 holds a report is not overwritten: the outputs go to the next free name (default_2, default_3, ...), as printed.
 
 `--legacy_cause=NAME` recreates one plausible cause of the original 149M model's first-batch NaN (issue 12; the
-table in the README): the full model's legacy switches for it (with `--recipe=legacy` only) plus what the original
-model's weights or data held (with either recipe: emulated massive activations, a zero-padded clip, a silent clip,
-a missing modality, each made through data/preprocess.py the legacy or the stable way). `--legacy_cause=all` puts
+table in docs/first_batch_nan.md): the full model's legacy switches for it (with `--recipe=legacy` only) plus
+what the original model's weights or data held (with either recipe: emulated massive activations, a zero-padded
+clip, a silent clip, a missing modality, each made through data/preprocess.py the legacy or the stable way). `--legacy_cause=all` puts
 every cause in at once.
 
 `--replay=path/to/crash.pt` instead replays the batch of a crash dump written by a training script

@@ -1,9 +1,9 @@
 """Train the full MultimodalFER (~150M parameters) with LFM2 fusion, without NaN.
 
 The stable recipe: depth-scaled residual init, QK-norm, float32 norms/softmax, LR warmup, global-norm clipping,
-AMP (float16 + GradScaler on a T4, bfloat16 on A100+), progressive stages. `LEGACY=True` rebuilds the recipe that
-produced NaN from the first batch (default init, LR 1e-4, no QK-norm, no warmup, no clipping, float16), so that
-`debug_gradients.py` can be shown on it.
+AMP (float16 + GradScaler on a T4, bfloat16 on A100+), progressive stages. `--preset=legacy` rebuilds the recipe
+that produced NaN from the first batch (default init, LR 1e-4, no QK-norm, no warmup, no clipping, float16), so
+that `debug_gradients.py` can be shown on it.
 
 Quick start without RAVDESS (synthetic data, a narrow copy of the architecture with the same block layout):
     python train_full_model.py --preset=cpu
@@ -14,7 +14,7 @@ Real audio + facial action units (the benchmark on these machines), 5 folds over
         --visual_input=features --feature_file=../shared/data/ravdess_clip_features/au_mfcc.npz \
         --actors=1-20 --n_folds=5 --fold=all --preset=cpu --run_name=full_cpu_audio_au
 The original failure, for the debugging tools:
-    python train_full_model.py --legacy=True --run_name=legacy
+    python train_full_model.py --preset=legacy --run_name=legacy
 Colab:
     !python train_full_model.py --dataset=ravdess --data_root=/content/drive/MyDrive/RAVDESS --pretrained=True
 """
@@ -74,8 +74,9 @@ TEST_ACTORS = ""  # explicit test actors, e.g. "21-24" (overrides FOLD)
 VAL_ACTORS = ""  # explicit validation actors, with TEST_ACTORS
 
 # ---- model
-PRESET = "default"  # default | cpu: "default" is the ~150M model (width 768, 16 LFM2 blocks); "cpu" first sets the
-# constants in _PRESETS["cpu"] (width 256, same block layout), then every constant given on the command line
+PRESET = "default"  # default | cpu | legacy: "default" is the ~150M model (width 768, 16 LFM2 blocks); "cpu" first
+# sets the constants in _PRESETS["cpu"] (width 256, same block layout), then every constant given on the command
+# line; "legacy": the original recipe and architecture that produced NaN (LEGACY=True)
 WIDTH = 768
 MLP_HIDDEN = 2816  # SwiGLU hidden size
 N_HEADS = 12  # query heads of the attention blocks
@@ -100,10 +101,9 @@ INIT = "scaled_residual"  # default | xavier | kaiming | scaled_residual | zero_
 _INIT_CHOICES = ("default", "xavier", "kaiming", "scaled_residual", "zero_residual")
 INIT_GAIN = 0.5
 # Init of the audio CNN and the visual encoder (ReLU + BatchNorm networks). Kaiming, Lite's choice, measured no
-# better here: 64.2% against 66.2% on the real-data CV (README, "What separates the full model from Lite").
+# better here: 64.2% against 66.2% on the real-data CV (docs/results.md, "What separates the full model from Lite").
 ENCODER_INIT = "scaled_residual"
-LEGACY = False  # True: the original recipe that produced NaN (overrides INIT, ENCODER_INIT, QK_NORM, LRs, warmup,
-# clipping, AMP)
+LEGACY = False  # True (--preset=legacy): the original recipe and architecture that produced NaN
 
 # ---- optimisation
 # Stage 1 freezes the encoders named in STAGE1_FROZEN ("pretrained": those loaded from pretrained weights; () none)
@@ -142,26 +142,27 @@ OUTPUT_DIR = "checkpoints"  # run folders go to OUTPUT_DIR/train_full_model/RUN_
 RUN_NAME = "full"  # the same RUN_NAME resumes an interrupted run (or reports a finished one)
 RESTART = False  # True: delete RUN_NAME's folder and train again (a run refuses constants it was not made with)
 MODEL_NAME = "full"
-# The architecture switches of the original model (LEGACY=True; README, "The original first-batch NaN"): float16
-# residual stream and SwiGLU product, causal attention with a -1e9 mask fill.
-LEGACY_MODEL = {"causal_attention": True, "attention_mask_fill": -1e9, "float32_mlp_product": False,
-                "float32_residual": False}
-# The recipe of the original run that diverged (LEGACY=True).
-LEGACY_RECIPE = {"init": "default", "encoder_init": "default", "qk_norm": False, "lr": 1e-4, "warmup_fraction": 0,
-                 "clip_norm": None, "amp_dtype": "float16"}
-# Constants added after the benchmark's runs were made, with the value that trains as the script did before them
-_ADDED_CONSTANTS = {"CALIBRATION": "none", "CALIBRATION_CLIPS": 0, "CALIBRATION_SOURCE": "any",
-                    "ENCODER_INIT": "scaled_residual", "LAYOUT": "lfm2", "READOUT": "joint", "DROP_PATH": 0.0}
+
+# ---- presets (applied by --preset=NAME, before the constants given on the command line; not edited here)
 _PRESETS = {"default": {},
             "cpu": {"WIDTH": 256, "MLP_HIDDEN": 768, "N_HEADS": 4, "N_KV_HEADS": 2,
-                    "AUDIO_CHANNELS": (16, 32, 64, 128), "FRAME_BACKBONE": "small"}}
+                    "AUDIO_CHANNELS": (16, 32, 64, 128), "FRAME_BACKBONE": "small"},
+            "legacy": {"LEGACY": True}}
+# What LEGACY=True changes (docs/first_batch_nan.md). The architecture switches of the original model: float16
+# residual stream and SwiGLU product, causal attention with a -1e9 mask fill.
+_LEGACY_MODEL = {"causal_attention": True, "attention_mask_fill": -1e9, "float32_mlp_product": False,
+                 "float32_residual": False}
+# The recipe of the original run that diverged: it overrides INIT, ENCODER_INIT, QK_NORM, both LRs, warmup,
+# clipping and AMP_DTYPE.
+_LEGACY_RECIPE = {"init": "default", "encoder_init": "default", "qk_norm": False, "lr": 1e-4, "warmup_fraction": 0,
+                  "clip_norm": None, "amp_dtype": "float16"}
 
 
 def recipe() -> dict:
     """The optimisation recipe in force: the stable constants, or the legacy recipe when LEGACY is set."""
     stable = {"init": INIT, "encoder_init": ENCODER_INIT, "qk_norm": QK_NORM, "lr": None,
               "warmup_fraction": WARMUP_FRACTION, "clip_norm": CLIP_NORM, "amp_dtype": AMP_DTYPE}
-    return dict(LEGACY_RECIPE) if LEGACY else stable
+    return dict(_LEGACY_RECIPE) if LEGACY else stable
 
 
 def model_config(feature_dim: int) -> dict:
@@ -173,7 +174,7 @@ def model_config(feature_dim: int) -> dict:
               "qk_norm": recipe()["qk_norm"], "dropout": DROPOUT, "drop_path": DROP_PATH,
               "encoder_dropout": ENCODER_DROPOUT, "modality_dropout": MODALITY_DROPOUT,
               "gradient_checkpointing": GRADIENT_CHECKPOINTING}
-    return {**config, **(LEGACY_MODEL if LEGACY else {})}
+    return {**config, **(_LEGACY_MODEL if LEGACY else {})}
 
 
 def build(feature_dim: int, runtime) -> tuple[torch.nn.Module, list[str]]:
@@ -292,8 +293,7 @@ def main() -> None:
     folds = [0] if TEST_ACTORS else fold_list(FOLD, N_FOLDS)  # checked before any slow data work
     settings = data_settings()
     cache = prepare_data(settings)
-    run = open_run("train_full_model", RUN_NAME, OUTPUT_DIR, config, runtime.describe(), RESTART,
-                   added_constants=_ADDED_CONSTANTS)
+    run = open_run("train_full_model", RUN_NAME, OUTPUT_DIR, config, runtime.describe(), RESTART)
     cross_validate(run, folds, lambda fold_run, fold: train_fold(fold_run, fold, settings, cache, runtime, config),
                    f"{len(folds)}-fold actor-disjoint CV over actors {ACTORS}, "
                    f"modalities {'+'.join(MODALITIES)} ({VISUAL_INPUT if 'visual' in MODALITIES else 'no visual'}), "

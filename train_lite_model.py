@@ -89,7 +89,8 @@ ENCODER_DROPOUT = 0.1
 FEATURE_NOISE = 0.1  # Gaussian noise on standardised per-clip features in training (features input)
 MODALITY_DROPOUT = 0.2  # probability of hiding one modality of a training sample (fusion learns to cope)
 # Kaiming (fan-in, for the ReLU + BatchNorm encoders) measured 5 points above scaled_residual (Xavier, gain 0.5) for
-# concat fusion on the real-data CV (README, Results); scaled_residual is still the one for deep attention fusions.
+# concat fusion on the real-data CV (docs/results.md, "Kaiming init for Lite"); scaled_residual is still the one for
+# deep attention fusions.
 INIT = "kaiming"  # default | xavier | kaiming | scaled_residual | zero_residual
 _INIT_CHOICES = ("default", "xavier", "kaiming", "scaled_residual", "zero_residual")
 INIT_GAIN = 0.5  # gain of xavier-based strategies
@@ -132,16 +133,16 @@ OUTPUT_DIR = "checkpoints"  # run folders go to OUTPUT_DIR/train_lite_model/RUN_
 RUN_NAME = "lite"  # the same RUN_NAME resumes an interrupted run (or reports a finished one)
 RESTART = False  # True: delete RUN_NAME's folder and train again (a run refuses constants it was not made with)
 MODEL_NAME = "lite"
+
+# ---- presets (applied by --preset=NAME, before the constants given on the command line; not edited here)
 # The cpu preset's dropouts, weight decay and peak LR are tune.py's best constants for concat fusion on real audio +
 # action units (study lite_concat_real): +2.3 points over 3 seeds of the 5-fold CV against the previous hand-set
 # 0.2 / 0.2 / 0.2 / 1e-2 / 2e-3, every other fusion higher on seed 0, audio alone -0.4 and AUs alone +1.4 over 3
-# seeds (README, Results). Its 40 epochs: the small audio CNN still underfits at 20; over 3 seeds audio alone
-# +3.5 points, concat fusion +2.0, AUs alone -1.4 (README, "A longer budget"). Its EMA selection: at 40 epochs the
-# averaged weights test 0.2-1.2 points above the last ones on the mean of each of the 7 rows (README, "Model
-# selection"); the last weights still win for SimpleCNN and the full model.
-# Constants added after the benchmark's runs were made, with the value that trains as the script did before them
-_ADDED_CONSTANTS = {"CALIBRATION": "none", "CALIBRATION_CLIPS": 0, "CALIBRATION_SOURCE": "any",
-                    "AUDIO_TOKENS": 8, "MIXUP_ALPHA": 0.0}
+# seeds (docs/results.md, "The tuned constants on every Lite row"). Its 40 epochs: the small audio CNN still
+# underfits at 20; over 3 seeds audio alone +3.5 points, concat fusion +2.0, AUs alone -1.4 (docs/results.md,
+# "A longer budget: 40 epochs"). Its EMA selection: at 40 epochs the averaged weights test 0.2-1.2 points above the
+# last ones on the mean of each of the 7 rows (docs/results.md, "The EMA in Lite's cpu preset, time shifts and seed
+# ensembles"); the last weights still win for SimpleCNN and the full model.
 _PRESETS = {"default": {},
             "cpu": {"WIDTH": 128, "AUDIO_CHANNELS": (16, 32, 64, 128), "VISUAL_TOKENS": 4, "FUSION_LAYERS": 1,
                     "FRAME_BACKBONE": "small", "ENCODER_DROPOUT": 0.38, "DROPOUT": 0.29, "MODALITY_DROPOUT": 0.25,
@@ -277,8 +278,7 @@ def main() -> None:
     folds = [0] if TEST_ACTORS else fold_list(FOLD, N_FOLDS)  # checked before any slow data work
     settings = data_settings()
     cache = prepare_data(settings)
-    run = open_run("train_lite_model", RUN_NAME, OUTPUT_DIR, config, runtime.describe(), RESTART,
-                   added_constants=_ADDED_CONSTANTS)
+    run = open_run("train_lite_model", RUN_NAME, OUTPUT_DIR, config, runtime.describe(), RESTART)
     cross_validate(run, folds, lambda fold_run, fold: train_fold(fold_run, fold, settings, cache, runtime, config),
                    f"{len(folds)}-fold actor-disjoint CV over actors {ACTORS}, "
                    f"modalities {'+'.join(MODALITIES)} ({VISUAL_INPUT if 'visual' in MODALITIES else 'no visual'}), "

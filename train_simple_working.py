@@ -108,8 +108,6 @@ OUTPUT_DIR = "checkpoints"  # run folders go to OUTPUT_DIR/train_simple_working/
 RUN_NAME = "simple"  # the same RUN_NAME resumes an interrupted run (or reports a finished one)
 RESTART = False  # True: delete RUN_NAME's folder and train again (a run refuses constants it was not made with)
 MODEL_NAME = "simple"
-# Constants added after the benchmark's runs were made, with the value that trains as the script did before them
-_ADDED_CONSTANTS = {"CALIBRATION": "none", "CALIBRATION_CLIPS": 0, "CALIBRATION_SOURCE": "any"}
 
 
 def stage_table() -> list[dict]:
@@ -218,8 +216,7 @@ def main() -> None:
     folds = [0] if TEST_ACTORS else fold_list(FOLD, N_FOLDS)  # checked before any slow data work
     settings = data_settings()
     cache = prepare_data(settings)
-    run = open_run("train_simple_working", RUN_NAME, OUTPUT_DIR, config, runtime.describe(), RESTART,
-                   added_constants=_ADDED_CONSTANTS)
+    run = open_run("train_simple_working", RUN_NAME, OUTPUT_DIR, config, runtime.describe(), RESTART)
     cross_validate(run, folds, lambda fold_run, fold: train_fold(fold_run, fold, settings, cache, runtime, config),
                    f"{len(folds)}-fold actor-disjoint CV over actors {ACTORS}, "
                    f"modalities {'+'.join(MODALITIES)} ({VISUAL_INPUT if 'visual' in MODALITIES else 'no visual'}), "

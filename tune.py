@@ -18,10 +18,10 @@ checkpoint; so is a trial that failed for a reason other than its parameters (a 
 which uses no budget (TRIAL_RETRIES). When the trials
 are done, the study folder holds trials.csv, best_args.txt (the best constants as a `--key=value` line) and PNG
 plots (optimisation history, parameter importances); then (EVALUATE_BEST) the last process to finish runs the best
-configuration once in the usual cross-validation with the test folds (the README rows' protocol, EVALUATE_PROCESSES
-folds at a time), and that is the number to report.
+configuration once in the usual cross-validation with the test folds (the protocol of docs/results.md's rows,
+EVALUATE_PROCESSES folds at a time), and that is the number to report.
 
-Real audio + facial action units, Lite model (the README's benchmark), two single-threaded processes on 2 cores:
+Real audio + facial action units, Lite model (docs/results.md's benchmark), two single-threaded processes on 2 cores:
     for i in 1 2; do OMP_NUM_THREADS=1 python tune.py --study_name=lite_audio_au & done; wait
 A quick look on the synthetic set (SimpleCNN, audio only, 12 actors):
     python tune.py --train_script=train_simple_working.py --train_args=--modalities=audio,--epochs=3,--num_workers=0 \\
@@ -55,7 +55,7 @@ from common.files import atomic_write, atomic_write_text
 TRAIN_SCRIPT = "train_lite_model.py"  # a training script of this repository, or a path to one
 SHARED = "../shared/data"  # only used to build TRAIN_ARGS below
 # Fixed arguments of every run (data, budget, workers); a list of --key=value strings (on the command line:
-# --train_args=--epochs=3,--num_workers=0). The default is the README's Lite audio + action units benchmark.
+# --train_args=--epochs=3,--num_workers=0). The default is the Lite audio + action units benchmark (docs/results.md).
 TRAIN_ARGS = ["--dataset=ravdess", f"--data_root={SHARED}/ravdess_speech_16k",
               "--cache_dir=checkpoints/cache/ravdess_speech_16k_16x112", "--visual_input=features",
               f"--feature_file={SHARED}/ravdess_clip_features/au_mfcc.npz", "--num_workers=0",
@@ -63,7 +63,7 @@ TRAIN_ARGS = ["--dataset=ravdess", f"--data_root={SHARED}/ravdess_speech_16k",
 # The search space: a constant of TRAIN_SCRIPT (lower case, as on its command line) -> its distribution:
 #   ("log", low, high) a float drawn log-uniformly | ("float", low, high) | ("int", low, high[, step])
 #   | ("choice", (value, value, ...)).
-# The default space: the recipe constants of the training scripts (README, "The training recipe").
+# The default space: the recipe constants of the training scripts (docs/configuration.md, "The training recipe").
 SEARCH_SPACE = {
     "stage1_lr": ("log", 5e-4, 5e-3),
     "weight_decay": ("log", 1e-3, 0.1),
@@ -103,7 +103,7 @@ TRIAL_RETRIES = 2
 
 # ---- final evaluation
 EVALUATE_BEST = True  # after the search: the best configuration once in the usual CV over N_FOLDS with test folds
-# Validation actors of the final CV's runs. 0: the protocol of the README's rows (each fold trains on all its
+# Validation actors of the final CV's runs. 0: the protocol of docs/results.md's rows (each fold trains on all its
 # training actors and tests the last weights), so the tuned row compares with the hand-set one.
 EVALUATE_VAL_ACTORS = 0
 EVALUATE_PROCESSES = 1  # folds of the final CV trained at once, each its own process (2 on 2 cores, single-threaded)
@@ -147,7 +147,7 @@ def script_path() -> Path:
 
 def script_constants(path: Path) -> set[str]:
     """The lower-case names of the script's top-level UPPER_SNAKE constants, read without importing it; private
-    names (`_ADDED_CONSTANTS`) are not options and are left out."""
+    names (`_PRESETS`, `_FUSION_CHOICES`) are not options and are left out."""
     names = set()
     for node in ast.parse(path.read_text()).body:
         if isinstance(node, ast.Assign):

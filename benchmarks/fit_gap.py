@@ -1,6 +1,6 @@
 """Underfit or overfit? Each benchmark row's final weights scored on their own training actors and on the test fold.
 
-    python benchmarks/fit_gap.py                                    # every finished row of the README table
+    python benchmarks/fit_gap.py                                    # every finished row of the results table
     python benchmarks/fit_gap.py --runs=bench_lite_audio,bench_simple_audio_au
 
 For every fold of a finished cross-validation run folder (`benchmarks/real_data_cv.sh`), the tested weights

@@ -178,8 +178,8 @@ def main() -> None:
               f"torch {torch.__version__}, CUDA {torch.version.cuda}")
         if torch.cuda.device_count() > 1:
             print(f"{torch.cuda.device_count()} GPUs: these rows use {device} alone; for DDP over all of them, train "
-                  f"with `torchrun --nproc_per_node={torch.cuda.device_count()} train_lite_model.py ...` (README, "
-                  "Scaling out) and read the s/it of its progress bar")
+                  f"with `torchrun --nproc_per_node={torch.cuda.device_count()} train_lite_model.py ...` "
+                  "(docs/scaling.md) and read the s/it of its progress bar")
     print(f"{STEPS} timed steps after {WARMUP_STEPS} warm-up steps; batch of {N_FRAMES} frames of {FRAME_SIZE} px + "
           f"{N_MELS}x{AUDIO_FRAMES} log-mel; {EPOCHS} epochs = {EPOCHS} x {math.ceil(EPOCH_CLIPS / BATCH_SIZE)} steps "
           f"({EPOCH_CLIPS} clips), training steps only, in 'projected'")

@@ -84,8 +84,8 @@ class AudioEncoder(nn.Module):
 
     block="vgg" (default): VGG stages (two 3x3 convs + max-pool each). On 5-fold actor-disjoint CV of real RAVDESS
     speech it generalises far better than block="residual" (a stride-2 stem and one stride-2 residual block per
-    stage), which fits its training actors but not new ones (README, Results). `time_pool` averages pairs of 10 ms
-    frames first (a 20 ms hop), which halves the cost without losing accuracy.
+    stage), which fits its training actors but not new ones (docs/results.md, "What changed and what it bought").
+    `time_pool` averages pairs of 10 ms frames first (a 20 ms hop), which halves the cost without losing accuracy.
     The input is standardised by BatchNorm over the batch (one mean/std for all bins), never by a per-clip std,
     which would divide by zero on a silent clip. Frequency is averaged at the end, time is pooled to n_tokens.
     (SpecAugment and the time shift are the dataset's job: `RavdessDataset(audio_augment=...)`.)

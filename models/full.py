@@ -14,8 +14,8 @@ modality's tokens separately (`conv_per_modality`), so their kernel only mixes t
 A missing modality, or one dropped by modality dropout in training, is a learned placeholder (S, width) that never
 goes through the encoder.
 
-The original 149M model produced NaN from the first batch; what this version does about it (README, "The original
-first-batch NaN"; `debug_gradients.py --legacy_cause=...` reproduces each cause): float32 norms and softmax,
+The original 149M model produced NaN from the first batch; what this version does about it
+(docs/first_batch_nan.md; `debug_gradients.py --legacy_cause=...` reproduces each cause): float32 norms and softmax,
 QK-norm, no additive masks, bidirectional attention, each block called once, the SwiGLU product in float32 under
 float16 autocast, depth-scaled or zero-initialised residual output projections (`init_weights`), and a float32
 residual stream. Every one of these has a legacy switch among the constructor's arguments (the block after

@@ -73,7 +73,8 @@ class SimpleCNN(nn.Module):
         widths = []
         if "audio" in modalities:
             # VGG stages (two 3x3 convs + max-pool): the earlier stride-2 stack of 3 single convs (14K parameters)
-            # reached only 45% on its own training clips; this one no longer underfits (README, Results).
+            # reached only 45% on its own training clips; this one no longer underfits (docs/results.md, "What changed
+            # and what it bought").
             self.audio_encoder = AudioEncoder(audio_channels[-1], channels=tuple(audio_channels), n_tokens=1,
                                               dropout=0.0)
             self.audio_encoder.proj = nn.Identity()  # the pooled CNN features are the embedding

@@ -193,10 +193,26 @@ def fold_list(fold: int | str, n_folds: int) -> list[int]:
     raise ConfigError(f"FOLD must be 'all' or 0..{n_folds - 1}, got {fold!r}")
 
 
+# ---- run compatibility: which constants a resumed run may differ in (open_run)
+
 # Constants that may differ between invocations of one run: which fold a process trains, where and on how many
 # processes it runs (SYNC_BATCHNORM acts only under torchrun; runs made before it existed resume).
 RUN_INDEPENDENT_KEYS = ("FOLD", "NUM_WORKERS", "PREPARE_WORKERS", "DEVICE", "RESTART", "RUN_NAME", "OUTPUT_DIR",
                         "SYNC_BATCHNORM")
+
+# Constants each training script gained after the benchmark's runs were made, with the value that trains as the
+# script did before them: a run whose config.json lacks one was made with that value, and resumes.
+ADDED_CONSTANTS = {
+    "train_simple_working": {"CALIBRATION": "none", "CALIBRATION_CLIPS": 0, "CALIBRATION_SOURCE": "any"},
+    "train_lite_model": {"CALIBRATION": "none", "CALIBRATION_CLIPS": 0, "CALIBRATION_SOURCE": "any",
+                         "AUDIO_TOKENS": 8, "MIXUP_ALPHA": 0.0},
+    "train_full_model": {"CALIBRATION": "none", "CALIBRATION_CLIPS": 0, "CALIBRATION_SOURCE": "any",
+                         "ENCODER_INIT": "scaled_residual", "LAYOUT": "lfm2", "READOUT": "joint", "DROP_PATH": 0.0},
+}
+
+# Entries a script's config.json held that are no longer constants (they were never a choice of the run: the
+# legacy recipe's fixed tables, now private to train_full_model.py behind LEGACY): a run that holds them resumes.
+RETIRED_CONSTANTS = {"train_full_model": ("LEGACY_MODEL", "LEGACY_RECIPE")}
 
 
 def only_retests(key: str, old: object, new: object) -> bool:
@@ -206,6 +222,19 @@ def only_retests(key: str, old: object, new: object) -> bool:
     return key == "TEST_TIME_SHIFTS" or (key == "SELECT_CHECKPOINT" and {old, new} <= {"last", "ema"})
 
 
+def changed_constants(script: str, old: dict, new: dict, added_constants: dict | None = None
+                      ) -> list[tuple[str, object, object]]:
+    """(constant, old value, new value) for each constant of config `new` that would make a run made with config
+    `old` another recipe: not those that may differ between invocations, that only change the test, that `script`
+    gained since (`ADDED_CONSTANTS`, or `added_constants`) with the value it had before, or that it retired."""
+    added = ADDED_CONSTANTS.get(script, {}) if added_constants is None else added_constants
+    old = {**{k: v for k, v in to_jsonable(added).items() if k in new}, **old}
+    retired = RETIRED_CONSTANTS.get(script, ())
+    return [(k, old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if k not in RUN_INDEPENDENT_KEYS
+            and not (k in retired and k not in new)
+            and old.get(k) != new.get(k) and not only_retests(k, old.get(k), new.get(k))]
+
+
 def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_description: str,
              restart: bool = False, added_constants: dict | None = None) -> RunFolder:
     """The run folder, with config.json written; refuses to continue a run made with other constants.
@@ -213,8 +242,7 @@ def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_
     A run resumes (or reports its finished folds) under its RUN_NAME; with changed constants that would mix two
     recipes in one result, so it is a one-line error unless `restart` deletes the old folder first. A run folder
     that never trained (its attempt failed before the first epoch) blocks nothing: its config.json is replaced.
-    `added_constants`: constants the script gained after runs were made, each with the value that behaves as the
-    script did before it existed; a run whose config lacks one was made with that value.
+    Which differences are allowed: `changed_constants` (`added_constants` replaces the script's ADDED_CONSTANTS).
     """
     run = RunFolder(script, run_name, output_dir)
     if not is_main():  # rank 0 checks, deletes and writes
@@ -226,12 +254,9 @@ def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_
         shutil.rmtree(run.dir)
         run = RunFolder(script, run_name, output_dir)
     elif previous is not None:
-        old = {**to_jsonable(added_constants or {}), **previous.get("config", {})}
-        new = to_jsonable(config)
-        changed = [k for k in sorted(set(old) | set(new)) if k not in RUN_INDEPENDENT_KEYS
-                   and old.get(k) != new.get(k) and not only_retests(k, old.get(k), new.get(k))]
+        changed = changed_constants(script, previous.get("config", {}), to_jsonable(config), added_constants)
         if changed:
-            detail = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+            detail = ", ".join(f"{k} {was!r} -> {now!r}" for k, was, now in changed[:4])
             more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
             raise ConfigError(f"{run.dir} was made with other constants ({detail}{more}); use another --run_name, "
                               "or --restart=True to delete it and start over")
