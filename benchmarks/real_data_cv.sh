@@ -12,7 +12,7 @@
 # Each fold is its own single-threaded process (PARALLEL_JOBS at a time, default 2 = the cores of the reference
 # machine); then a `--fold=all` call per row only collects the finished folds into cv_metrics.json and prints the
 # per-fold table. Seed 0 runs as bench_<row>, seed s as bench_<row>_seed<s>; `python benchmarks/results_table.py`
-# prints the README table (with the mean over seeds and the seed ensemble where several seeds finished), and
+# prints the results table of docs/results.md (with the mean over seeds and the seed ensemble where several seeds finished), and
 # `python benchmarks/fit_gap.py` scores each row's tested weights on its own training actors (underfit or overfit).
 # Interrupted folds resume from their last finished epoch when the script is run again; finished ones are skipped.
 #

@@ -1,4 +1,5 @@
-"""Markdown rows of the README's results table from the run folders of `benchmarks/real_data_cv.sh`.
+"""Markdown rows of the results tables (README, docs/results.md) from the run folders of
+`benchmarks/real_data_cv.sh`.
 
     python benchmarks/results_table.py            # rows whose 5 folds are all finished; the rest are listed
     python benchmarks/results_table.py --selection_runs=exp_simple_audio_au_bestval2   # + runs in the 2nd table

@@ -101,7 +101,7 @@ def test_two_processes_share_one_study_and_never_load_test_actors(synthetic_root
     # The recorder does see test clips: the final evaluation over the 4 test folds loads every actor.
     (evaluation,) = [actors for run, actors in loaded.items() if "/best_trial" in run]
     assert evaluation == {1, 2, 3, 4}
-    # Its folds ran as separate processes, with the README rows' protocol: no validation actors.
+    # Its folds ran as separate processes, with the benchmark rows' protocol: no validation actors.
     (best_run,) = [runs / n for n in names if n.startswith("best_trial")]
     cv = json.loads((best_run / "cv_metrics.json").read_text())
     assert len(cv["accuracy"]["per_fold"]) == 4
