@@ -39,25 +39,32 @@ def final_weights(out: Path, script: str, run_name: str) -> dict:
     return torch.load(out / script / run_name / "fold0" / "ckpt_last.pt", weights_only=True)["model"]
 
 
+def die_after_first_epoch(module, overrides: dict, monkeypatch) -> None:
+    """Run a training script until the checkpoint of epoch 1 is written, then "die" there (KeyboardInterrupt);
+    its end_epoch is restored afterwards, for the resuming run."""
+    original_end_epoch = module.end_epoch
+    calls = {"n": 0}
+
+    def end_epoch_then_die(*args, **kwargs):
+        improved = original_end_epoch(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return improved
+
+    monkeypatch.setattr(module, "end_epoch", end_epoch_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_main(module, overrides)
+    monkeypatch.setattr(module, "end_epoch", original_end_epoch)
+
+
 @pytest.mark.parametrize("script", ["train_simple_working"], indirect=True)
 def test_resumed_run_matches_uninterrupted_run(script, synthetic_root, synthetic_cache, tmp_path, monkeypatch):
     base = {**tiny_overrides(synthetic_root, synthetic_cache, tmp_path), "EPOCHS": 3, "PATIENCE": 99,
             "MODALITIES": ("audio",)}
     run_main(script, {**base, "RUN_NAME": "straight"})
 
-    original_end_epoch = script.end_epoch
-    calls = {"n": 0}
-
-    def end_epoch_then_die(*args, **kwargs):
-        improved = original_end_epoch(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 1:  # the checkpoint of epoch 1 is written, then the process "dies"
-            raise KeyboardInterrupt
-        return improved
-
-    monkeypatch.setattr(script, "end_epoch", end_epoch_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_main(script, {**base, "RUN_NAME": "interrupted"})
+    die_after_first_epoch(script, {**base, "RUN_NAME": "interrupted"}, monkeypatch)
     state = torch.load(tmp_path / "train_simple_working" / "interrupted" / "fold0" / "ckpt_last.pt", weights_only=True)
     assert state["progress"]["epoch"] == 1 and state["progress"]["step"] == 2
     assert {"optimizer", "scaler", "rng", "model_config"} <= set(state)

@@ -15,7 +15,7 @@ from data.setup import make_split
 from models import ModelConfigError, build_model
 from tests.conftest import imported_script
 from tests.shared_paths import REPO
-from tests.test_train_scripts import run_main, tiny_overrides
+from tests.test_train_scripts import die_after_first_epoch, run_main, tiny_overrides
 from training.checkpoint import make_state, save_checkpoint
 from common.config import ConfigError, run_script
 from training.runs import open_run
@@ -193,20 +193,7 @@ def test_resume_with_data_loader_workers_is_exact(script, synthetic_root, synthe
             "MODALITIES": ("audio",), "NUM_WORKERS": 2}
     run_main(script, {**base, "RUN_NAME": "straight"})
 
-    original_end_epoch = script.end_epoch
-    calls = {"n": 0}
-
-    def end_epoch_then_die(*args, **kwargs):
-        improved = original_end_epoch(*args, **kwargs)
-        calls["n"] += 1
-        if calls["n"] == 1:  # the checkpoint of epoch 1 is written, then the process "dies"
-            raise KeyboardInterrupt
-        return improved
-
-    monkeypatch.setattr(script, "end_epoch", end_epoch_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        run_main(script, {**base, "RUN_NAME": "interrupted"})
-    monkeypatch.setattr(script, "end_epoch", original_end_epoch)
+    die_after_first_epoch(script, {**base, "RUN_NAME": "interrupted"}, monkeypatch)
     torch.manual_seed(123)  # another global state now: resume must restore the saved one
     vars(script).update({**base, "RUN_NAME": "interrupted"})
     script.main()
