@@ -320,7 +320,9 @@ def run_script(main: Callable[..., object], namespace: dict, argv: list[str],
         apply_overrides(namespace, [arg for arg in argv if arg not in paths])
         status = main(paths) if takes_paths else main()
     except (ConfigError, *user_errors) as err:
-        print(f"error: {err}", file=sys.stderr)
+        # Under torchrun every process gets the same mistake (often before the process group exists): one says it.
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted (a training script resumes from its last checkpoint when run again with the same RUN_NAME)",

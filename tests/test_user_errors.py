@@ -207,3 +207,13 @@ def test_resume_with_data_loader_workers_is_exact(script, synthetic_root, synthe
     straight, resumed = (torch.load(folder / name / "fold0" / "ckpt_last.pt", weights_only=True)["model"]
                          for name in ("straight", "interrupted"))
     assert all(torch.equal(straight[key], resumed[key]) for key in straight)
+
+
+def test_a_bad_flag_under_torchrun_is_said_once():
+    """Every process of a torchrun job gets the same bad flag; one of them (rank 0) says it."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+                           "train_simple_working.py", "--batchsize=3"], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: unknown option --batchsize")]
+    assert len(errors) == 1, done.stderr
