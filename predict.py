@@ -166,7 +166,8 @@ class Predictor:
                     "statistics, as if the person were the average training actor")
         if profile is None:
             return f"no person calibration (the model was {trained})"
-        onto = "" if self.calibrated_training else ": the person's inputs are moved onto its training population's range"
+        onto = ("" if self.calibrated_training else
+                ": the person's inputs are moved onto its training population's range")
         return f"person profile '{profile.person}' ({profile.describe()}); the model was {trained}{onto}"
 
     def batches(self, windows: Windows, profile: PersonProfile | None) -> list[dict]:
@@ -509,8 +510,9 @@ def main(paths: list[str]) -> int:
     predictor = load_predictor(CHECKPOINT, DEVICE, PREPROCESS_FROM, TIME_SHIFTS)
     print(f"{predictor.describe()} from {predictor.checkpoint}")
     if predictor.trained_on == "synthetic":
-        print("note: this checkpoint was trained on the synthetic quick-start set (coloured shapes and tones): it "
-              "checks that the pipeline runs, its predictions on real recordings mean nothing (README: Getting RAVDESS)")
+        print("note: this checkpoint was trained on the synthetic quick-start set (drawn faces, synthetic voices): "
+              "it checks that the pipeline runs, its predictions on real recordings mean nothing (README: Getting "
+              "RAVDESS)")
     s = predictor.settings
     print(f"preprocessing from {predictor.settings_source}: {s.seconds:g} s windows, {s.n_frames} frames of "
           f"{s.size}x{s.size}, {s.n_mels} mel bands at {s.sample_rate} Hz")
@@ -535,8 +537,9 @@ def main(paths: list[str]) -> int:
     n_ok = sum(p.error is None for p in predictions)
     print(f"{n_ok} of {len(predictions)} predicted")
     if output is not None:
-        write_output(predictions, output, TOP_K, {"checkpoint": str(predictor.checkpoint), "model": predictor.model_name,
-                                                  "preprocessing": s.to_json(), "calibration": calibration})
+        header = {"checkpoint": str(predictor.checkpoint), "model": predictor.model_name,
+                  "preprocessing": s.to_json(), "calibration": calibration}
+        write_output(predictions, output, TOP_K, header)
         print(f"wrote {output}")
     return 0 if n_ok else 1
 

@@ -277,6 +277,8 @@ def test_attention_figures_from_a_video_file(tiny_cache, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name, config, message", [
     ("simple", TINY_SIMPLE, "the 'simple' model has no attention layers"),
+    ("simple", TINY_SIMPLE, "python train_lite_model.py --width=64 --frame_backbone=small --fusion_layers=1 "
+                            "--fusion=cross_attention"),  # the quick-start model's refusal names what works
     ("lite", {**TINY_LITE, "fusion": "concat"}, "fuses by 'concat', attention pooling only"),
 ])
 def test_model_without_attention_gets_one_line(name, config, message, tiny_cache, tmp_path, monkeypatch, capsys):

@@ -340,6 +340,18 @@ def test_command_line(media, trained_simple, tmp_path):
     assert wrong.stderr.strip().splitlines() == ["error: unknown option --windw_hop (did you mean --window_hop_seconds?)"]
 
 
+def test_a_model_of_the_synthetic_quick_start_says_so_once(media, tmp_path):
+    checkpoint = save_model(tmp_path / "quick.pt", "simple", run_config={"DATASET": "synthetic"})
+    done = subprocess.run([sys.executable, "predict.py", str(media["wav"]), str(media["happy_mp4"]),
+                           f"--checkpoint={checkpoint}"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("trained on the synthetic quick-start set") == 1
+    real = save_model(tmp_path / "real.pt", "simple", run_config={"DATASET": "ravdess"})
+    done = subprocess.run([sys.executable, "predict.py", str(media["wav"]), f"--checkpoint={real}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "quick-start set" not in done.stdout
+
+
 def test_ensemble_and_time_shifts_average_probabilities(media, tmp_path, monkeypatch):
     paths = []
     for seed in (0, 1):
