@@ -34,7 +34,7 @@ import csv
 import json
 import sys
 from collections import deque
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 
@@ -145,17 +145,12 @@ class Predictor:
 
     def use_profile(self, profile: PersonProfile) -> PersonProfile:
         """`profile` as this model applies it: only its mean when the model was calibrated on neutral clips (as in
-        training); a ConfigError when a checkpoint keeps no population statistics to calibrate onto."""
+        training, PersonProfile.for_model); a ConfigError when a checkpoint keeps no population statistics."""
         if any(population is None for population in self.populations):
             raise ConfigError(f"{self.checkpoint} was written before person calibration existed (it keeps no "
                               "training population statistics): retrain it to use --calibrate or --profile")
         for population in self.populations:
-            for kind, (mean, _) in profile.stats.items():
-                if kind in population and population[kind][0].shape != mean.shape:
-                    raise ConfigError(f"the profile of '{profile.person}' has {kind} statistics of shape {mean.shape}, "
-                                      f"this model's input has {population[kind][0].shape}: build it with this model")
-        if self.calibrated_training and self.calibration["source"] == "neutral":
-            profile = replace(profile, mean_only=True)
+            profile = profile.for_model(self.calibration, population)
         return profile
 
     def describe_calibration(self, profile: PersonProfile | None) -> str:

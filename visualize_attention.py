@@ -151,9 +151,7 @@ def file_calibration(state: dict):
         return None
     if calibration is None:
         raise ConfigError("this checkpoint was written before person calibration existed: --profile cannot apply")
-    profile = PersonProfile.load(PROFILE)
-    if calibration[0]["mode"] == "person" and calibration[0]["source"] == "neutral":
-        profile = replace(profile, mean_only=True)
+    profile = PersonProfile.load(PROFILE).for_model(*calibration)
     print(f"calibration: person profile '{profile.person}' ({profile.describe()})")
     return lambda kind, x: profile.calibrate(kind, x, calibration[1])
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -152,6 +152,17 @@ class PersonProfile:
         std, pop_std = std.reshape(shape), pop_std.reshape(shape)
         std = np.sqrt(std ** 2 + (STD_FLOOR * pop_std) ** 2)
         return ((x - mean) / std * pop_std + pop_mean).astype(np.float32)
+
+    def for_model(self, settings: dict, population: dict[str, tuple[np.ndarray, np.ndarray]]) -> PersonProfile:
+        """This profile as a model trained with calibration `settings` (a checkpoint's) applies it: only its mean
+        when that model was calibrated on neutral clips, as in its training; a DataError when its statistics do not
+        fit the model's inputs (`population`)."""
+        for kind, (mean, _) in self.stats.items():
+            if kind in population and population[kind][0].shape != mean.shape:
+                raise DataError(f"the profile of '{self.person}' has {kind} statistics of shape {mean.shape}, this "
+                                f"model's input has {population[kind][0].shape}: build it with this model")
+        neutral = settings["mode"] == "person" and settings["source"] == "neutral"
+        return replace(self, mean_only=True) if neutral else self
 
     def describe(self) -> str:
         what = "mean only" if self.mean_only else "mean and std"

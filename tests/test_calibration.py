@@ -263,3 +263,13 @@ def test_face_colour_statistics_differ_more_between_people_than_within_a_clip(mo
     result = frame_calibration_check.main()
     assert result["actors"] == 20 and result["clip_frames"] == 99
     assert (result["between_actors_std"] > 5 * result["within_clip_std"]).all()
+
+
+def test_a_profile_is_applied_as_the_model_was_trained():
+    profile = profile_from_inputs("ana", [{"logmel": np.ones((64, 10))}, {"logmel": np.zeros((64, 10))}])
+    population = {"logmel": (np.zeros(64, np.float32), np.ones(64, np.float32))}
+    assert profile.for_model(ALL.to_json(), population) is profile
+    neutral = CalibrationSettings(mode="person", clips=0, source="neutral", seed=0).to_json()
+    assert profile.for_model(neutral, population).mean_only and not profile.mean_only
+    with pytest.raises(DataError, match="has logmel statistics of shape"):
+        profile.for_model(ALL.to_json(), {"logmel": (np.zeros(32, np.float32), np.ones(32, np.float32))})
