@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from common.config import config_keys, run_script
 from common.distributed import all_ranks_true, is_main, wrap_model
+from data.calibration import CALIBRATION_SOURCES, CALIBRATIONS
 from data.setup import DataSettings, build_loaders, make_split, prepare_data
 from data.ravdess import DataError
 from models import ModelConfigError, build_model
@@ -55,10 +56,10 @@ FRAME_AUGMENT = True  # random crop, flip and colour jitter on training face cro
 
 # ---- person calibration (data/calibration.py): each clip's inputs compared with its own person's range
 CALIBRATION = "none"  # none | person: standardise each person's inputs by statistics of that person's own clips
-_CALIBRATION_CHOICES = ("none", "person")
+_CALIBRATION_CHOICES = CALIBRATIONS  # data/calibration.py declares them
 CALIBRATION_CLIPS = 0  # clips per person for those statistics: 0 = all in the split (unlabeled), K = K drawn with SEED
 CALIBRATION_SOURCE = "any"  # any | neutral: only the person's neutral clips (a test person's are then not scored)
-_CALIBRATION_SOURCE_CHOICES = ("any", "neutral")
+_CALIBRATION_SOURCE_CHOICES = CALIBRATION_SOURCES
 
 # ---- actor-disjoint split
 ACTORS = "auto"  # actors in the experiment, e.g. "1-20"; "auto" = every actor in the data
