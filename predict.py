@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from data.calibration import Moments, PersonProfile, add_inputs, profile_from_inputs
+from data.calibration import Moments, PersonProfile, add_inputs
 from data.dataset import shift_step_frames
 from data.preprocess import ClipError, Settings, face_crops, sample_frame_indices
 from data.ravdess import EMOTIONS, DataError
@@ -311,7 +311,7 @@ def build_profile(paths: list[str], predictor: Predictor, person: str, hop: floa
     """A person profile from the windows of every readable file under `paths` (one person's recordings,
     unlabeled), with the model's preprocessing; files that cannot be read are listed and skipped."""
     files, problems = collect_files(paths)
-    moments, used = Moments(), []
+    moments, used, stretches = Moments(), [], 0
     for path in tqdm(files, desc="calibrating", unit="file", disable=len(files) < 2, leave=False):
         try:
             windows = read_windows(path, predictor.settings, audio=predictor.uses_audio,
@@ -321,18 +321,28 @@ def build_profile(paths: list[str], predictor: Predictor, person: str, hop: floa
             continue
         add_inputs(moments, window_inputs(windows))
         used.append(path)
+        stretches += clip_stretches(windows, predictor.settings.seconds)
     for problem in problems:
         print(f"calibration: skipped {problem.file}: {problem.error}")
     if not used:
         raise ConfigError(f"--calibrate={','.join(paths)}: no recording there could be read for calibration")
     name = person or Path(paths[0]).expanduser().resolve().stem
-    return PersonProfile(name, len(used), moments.stats(), source=f"{len(used)} recording(s) under {', '.join(paths)}")
+    return PersonProfile(name, stretches, moments.stats(),
+                         source=f"{len(used)} recording(s) under {', '.join(paths)}")
 
 
-def self_profile(windows: Windows) -> PersonProfile:
+def clip_stretches(windows: Windows, seconds: float) -> int:
+    """How many clip-length stretches of a recording its windows cover: what the recording weighs in a profile
+    against the population's PRIOR_CLIPS (a 4 s RAVDESS clip is one; a minute read in 16 windows of 3 s is 16)."""
+    return min(windows.n_windows, max(1, round(windows.duration / seconds)))
+
+
+def self_profile(windows: Windows, seconds: float) -> PersonProfile:
     """--calibrate=self: a file's own windows as the person's baseline."""
-    return profile_from_inputs(windows.path.stem, [window_inputs(windows)], source=f"its own {windows.n_windows} "
-                               "window(s)")
+    moments = Moments()
+    add_inputs(moments, window_inputs(windows))
+    return PersonProfile(windows.path.stem, clip_stretches(windows, seconds), moments.stats(),
+                         source=f"its own {windows.n_windows} window(s)")
 
 
 def predict_file(path: Path, predictor: Predictor, hop: float, max_windows: int, calibrate_self: bool = False
@@ -355,7 +365,7 @@ def predict_file(path: Path, predictor: Predictor, hop: float, max_windows: int,
                      f"{windows.duration:.2f} s")
     profile = None
     if calibrate_self:
-        profile = predictor.use_profile(self_profile(windows))
+        profile = predictor.use_profile(self_profile(windows, predictor.settings.seconds))
         notes.append(f"calibrated on its own {windows.n_windows} window(s)")
     return Prediction(str(path), predictor.probabilities(windows, profile).tolist(), windows.n_windows, inputs,
                       notes + windows.notes)
@@ -457,7 +467,8 @@ def run_webcam(predictor: Predictor, camera: int | str, every: float, k: int, ca
                 if seen / fps >= calibration_seconds:
                     calibrating = False
                     predictor.profile = predictor.use_profile(
-                        PersonProfile(f"camera {camera}", 1, baseline.stats(),
+                        PersonProfile(f"camera {camera}", max(1, round(seen / fps / settings.seconds)),
+                                      baseline.stats(),
                                       source=f"the first {seen / fps:.1f} s of the camera"))
                     print(f"calibration: {predictor.describe_calibration(predictor.profile)}")
                 continue

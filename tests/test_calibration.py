@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -148,14 +149,18 @@ def test_log_mel_and_frame_statistics_are_per_band_and_per_channel(synthetic_cac
     assert sample.shape == logmels.shape[1:]
 
 
-def test_profile_round_trips_and_floors_a_still_dimension(tmp_path):
+def test_profile_round_trips_and_a_few_clips_lean_on_the_population(tmp_path):
     profile = profile_from_inputs("ana", [{"features": np.array([1.0, 5.0])}, {"features": np.array([3.0, 5.0])}])
     loaded = PersonProfile.load(profile.save(tmp_path / "ana.npz"))
     assert loaded.person == "ana" and loaded.n_clips == 2
     np.testing.assert_array_equal(loaded.stats["features"][0], [2.0, 5.0])
-    population = {"features": (np.array([0.0, 0.0], np.float32), np.array([1.0, 1.0], np.float32))}
-    moved = loaded.calibrate("features", np.array([3.0, 6.0], np.float32), population)
-    assert moved[0] == pytest.approx(1 / np.sqrt(1 + 0.01)) and moved[1] == pytest.approx(10.0)  # floored std
+    population = {"features": (np.array([0.0, 0.0], np.float32), np.array([2.0, 1.0], np.float32))}
+    x = np.array([3.0, 6.0], np.float32)
+    # 2 clips against PRIOR_CLIPS = 8 of the population: variance (2 * 1 + 8 * 4) / 10 and (2 * 0 + 8 * 1) / 10
+    moved = loaded.calibrate("features", x, population)
+    assert moved == pytest.approx([1 / np.sqrt(3.4) * 2, 1 / np.sqrt(0.8)])  # a still dimension does not blow up
+    # the same statistics from many clips are the person's own: std 1 of the first dimension
+    assert replace(loaded, n_clips=8000).calibrate("features", x, population)[0] == pytest.approx(2.0, rel=0.005)
     with pytest.raises(DataError, match="not a person profile"):
         PersonProfile.load(tmp_path.joinpath("bad.npz").write_bytes(b"no") and tmp_path / "bad.npz")
 
