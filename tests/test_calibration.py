@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.calibration import (NEUTRAL_LABEL, CalibrationSettings, PersonProfile, calibration_indices,
+from data.calibration import (NEUTRAL_LABEL, PRIOR_CLIPS, CalibrationSettings, PersonProfile, calibration_indices,
                               profile_from_inputs)
 from data.dataset import build_datasets
 from data.ravdess import DataError, Split
@@ -255,7 +255,8 @@ def test_visualize_attention_calibrates_a_cache_clip_as_in_training(tmp_path, mo
         monkeypatch.setattr(visualize_attention, key, value)
     with pytest.raises(ConfigError, match="attention pooling only"):  # the stub gives no maps: stops after input
         visualize_attention.main()
-    std = np.sqrt(rows.std(0) ** 2 + (0.1 * 5.0) ** 2)  # the person's std, floored at a tenth of the population's
+    n = len(ids)  # the person's variance weighs n clips against PRIOR_CLIPS of the population's (std 5)
+    std = np.sqrt((n * rows.std(0) ** 2 + PRIOR_CLIPS * 5.0 ** 2) / (n + PRIOR_CLIPS))
     torch.testing.assert_close(seen[0][0], torch.from_numpy((rows[0] - rows.mean(0)) / std), rtol=1e-4, atol=1e-4)
 
 
@@ -268,6 +269,19 @@ def test_face_colour_statistics_differ_more_between_people_than_within_a_clip(mo
     result = frame_calibration_check.main()
     assert result["actors"] == 20 and result["clip_frames"] == 99
     assert (result["between_actors_std"] > 5 * result["within_clip_std"]).all()
+
+
+@pytest.mark.skipif(shared_data_dir() is None, reason="../shared is absent")
+def test_few_calibration_clips_lean_on_the_population(monkeypatch):
+    """The check behind PRIOR_CLIPS on the real AUs: with 4 clips per person, a variance shrunk by 8 population
+    clips classifies better than the person's nearly raw one (P = 1), and both better than no calibration."""
+    from benchmarks import calibration_prior_check as check
+
+    for key, value in {"FEATURE_FILE": str(shared_data_dir() / "ravdess_clip_features" / "au_mfcc.npz"),
+                       "CLIPS": (4,), "PRIORS": (1, 8), "DRAWS": 1}.items():
+        monkeypatch.setattr(check, key, value)
+    result = check.main()
+    assert result[4][8] > result[4][1] > result["none"]
 
 
 def test_a_profile_is_applied_as_the_model_was_trained():
