@@ -40,7 +40,6 @@ import difflib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -49,7 +48,7 @@ from pathlib import Path
 
 from data.ravdess import DataError, Split, kfold_split
 from common.config import ConfigError, parse_actors, run_script
-from common.files import atomic_write, atomic_write_text
+from common.files import HOST, atomic_write, atomic_write_text, process_alive
 
 # ---- what to tune
 TRAIN_SCRIPT = "train_lite_model.py"  # a training script of this repository, or a path to one
@@ -120,7 +119,6 @@ METRICS = ("accuracy", "uar")
 CONTROLLED = ("actors", "test_actors", "val_actors", "fold", "n_folds", "n_val_actors", "run_name", "output_dir",
               "select_metric")
 EPOCH_STRIDE = 1000  # report step = fold position x EPOCH_STRIDE + epoch, so a pruner compares the same fold
-HOST = socket.gethostname()
 REPO = Path(__file__).resolve().parent
 
 
@@ -305,16 +303,6 @@ def prepare_child(script: str, args: list[str]) -> None:
 
 # ------------------------------------------------------------------------------------------------ trials
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def requeue(study, trial) -> None:
     """End a trial that did not finish and queue its parameters again; the new trial resumes its runs."""
     from optuna.trial import TrialState
@@ -339,7 +327,7 @@ def requeue_dead_trials(study) -> None:
 
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         pid = trial.user_attrs.get("pid")
-        if trial.user_attrs.get("host") == HOST and pid and not _alive(pid):
+        if trial.user_attrs.get("host") == HOST and pid and not process_alive(pid):
             requeue(study, trial)
 
 
@@ -629,7 +617,7 @@ def claim(path: Path) -> bool:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
     except FileExistsError:
         owner = json.loads(path.read_text() or "{}")
-        if owner.get("host") != HOST or _alive(owner.get("pid", 0)):
+        if owner.get("host") != HOST or process_alive(owner.get("pid", 0)):
             return False
         fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
     with os.fdopen(fd, "w") as f:

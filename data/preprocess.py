@@ -26,7 +26,6 @@ import json
 import multiprocessing
 import os
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -45,7 +44,7 @@ import torchaudio
 from tqdm import tqdm
 
 from data.ravdess import Clip, DataError, Discovery, scan
-from common.files import atomic_write_text
+from common.files import atomic_write_text, remove_stale_temps, temp_name
 
 try:
     import fcntl
@@ -69,8 +68,6 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".webm", ".mkv", ".m4v")  # sound tr
 # Several processes on one cache.
 LOCK_NAME = ".prepare.lock"  # file in the cache folder that one preparing process at a time holds (flock)
 WAIT_NOTICE_SECONDS = 1.0    # s, a lock held longer than this gets the "waiting for another process" line
-STALE_TEMP_SECONDS = 3600    # s, a temp file this old is a dead writer's even when its owner cannot be checked
-HOST = socket.gethostname()
 
 
 class CacheWriteError(DataError):
@@ -427,53 +424,6 @@ def process_clip(clip: Clip, root: Path, settings: Settings) -> tuple[dict, dict
         reasons = "; ".join(entry["notes"]) or f"no {wanted} file for this take"
         raise ClipError(f"no usable {wanted}: {reasons}")
     return entry, arrays
-
-
-def temp_name(path: Path) -> Path:
-    """The writer's own temp name for `path`: `<name>.<host>.<pid>.tmp`, so that a process never takes another's
-    file for a dead one's (`is_stale_temp`)."""
-    return path.with_name(f"{path.name}.{HOST}.{os.getpid()}.tmp")
-
-
-def temp_owner(tmp: Path) -> tuple[str, int] | None:
-    """(host, pid) of a temp file named by `temp_name`, or None for another name."""
-    stem, dot, suffix = tmp.name.rpartition(".")
-    rest, _, pid = stem.rpartition(".")
-    name, _, host = rest.partition(".npz.")
-    if suffix != "tmp" or not (dot and name and host and pid.isdigit()):
-        return None
-    return host, int(pid)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
-def is_stale_temp(tmp: Path) -> bool:
-    """True for a temp file whose writer is gone: its pid on this host no longer exists, or it is older than
-    STALE_TEMP_SECONDS (another machine's writer, or a name without an owner). A live writer's file is kept."""
-    try:
-        age = time.time() - tmp.stat().st_mtime
-    except FileNotFoundError:  # its writer renamed it meanwhile
-        return False
-    owner = temp_owner(tmp)
-    if owner is not None and owner[0] == HOST and not _alive(owner[1]):
-        return True
-    return age > STALE_TEMP_SECONDS
-
-
-def remove_stale_temps(clips_dir: Path) -> list[Path]:
-    """Remove the temp files of writers that are gone (killed runs); return them."""
-    stale = [tmp for tmp in clips_dir.glob("*.tmp") if is_stale_temp(tmp)]
-    for tmp in stale:
-        tmp.unlink(missing_ok=True)
-    return stale
 
 
 def write_clip(clips_dir: Path, entry: dict, arrays: dict[str, np.ndarray]) -> None:

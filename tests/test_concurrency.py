@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common import files
 from data import preprocess
 from data.dataset import load_manifest
 from data.ravdess import DataError
@@ -97,17 +98,18 @@ def test_only_the_temp_files_of_gone_writers_are_removed(synthetic_root, tmp_pat
     clips = cache / "clips"
     clips.mkdir(parents=True)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    temps = {"dead": f"{TAKES[1]}.npz.{preprocess.HOST}.{int(dead.stdout)}.tmp",  # its process has exited
-             "live": f"{TAKES[2]}.npz.{preprocess.HOST}.{os.getpid()}.tmp",  # this process: still writing
+    temps = {"dead": f"{TAKES[1]}.npz.{files.HOST}.{int(dead.stdout)}.tmp",  # its process has exited
+             "live": f"{TAKES[2]}.npz.{files.HOST}.{os.getpid()}.tmp",  # this process: still writing
              "elsewhere": f"{TAKES[3]}.npz.other-machine.example.org.{os.getpid()}.tmp",  # can't be checked: young
              "old": f"{TAKES[4]}.npz.other-machine.example.org.12.tmp",  # older than STALE_TEMP_SECONDS
              "unowned": "stale.123.tmp"}  # a name without an owner (an older version's), old
     for name in temps.values():
         (clips / name).write_bytes(b"half")
-    hours_ago = time.time() - 2 * preprocess.STALE_TEMP_SECONDS
+    hours_ago = time.time() - 2 * files.STALE_TEMP_SECONDS
     for kind in ("old", "unowned"):
         os.utime(clips / temps[kind], (hours_ago, hours_ago))
-    assert preprocess.temp_owner(clips / temps["elsewhere"]) == ("other-machine.example.org", os.getpid())
+    assert files.temp_writer(clips / temps["dead"]) == int(dead.stdout)
+    assert files.temp_writer(clips / temps["elsewhere"]) is None  # another machine's pid says nothing here
 
     prepare(root, cache)
     left = {kind for kind, name in temps.items() if (clips / name).exists()}

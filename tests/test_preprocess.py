@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from common import files
 from data import preprocess
 from data.dataset import load_manifest
 from data.preprocess import (Settings, audio_features, crop_box, find_face, fix_length, prepare_cache,
@@ -235,7 +236,7 @@ def test_rerun_skips_finished_clips_and_redoes_missing_ones(synthetic_root, tmp_
     assert prepare(tmp_path / "root", cache).n_new == 2
     (cache / "clips" / f"{TAKE}.npz").unlink()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (cache / "clips" / f"{TAKE}.npz.{preprocess.HOST}.{int(dead.stdout)}.tmp").write_bytes(b"half")  # killed run's
+    (cache / "clips" / f"{TAKE}.npz.{files.HOST}.{int(dead.stdout)}.tmp").write_bytes(b"half")  # killed run's
     again = prepare(tmp_path / "root", cache)
     assert (again.n_new, again.n_cached) == (1, 1) and not list((cache / "clips").glob("*.tmp"))
     with pytest.raises(DataError, match="other settings.*size: 112 -> 64"):

@@ -193,6 +193,23 @@ def test_parallel_folds_writing_the_run_config_do_not_collide(tmp_path, monkeypa
     assert path.read_text() == "from A" and not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_run_folder_removes_the_checkpoint_a_killed_run_was_writing(tmp_path):
+    """kill -9 during a checkpoint write leaves `ckpt_best.pt.<host>.<pid>.tmp`; opening the run folder again (the
+    resume) removes it, and keeps the temp file of a writer that is still alive."""
+    from common import files
+    from training.runs import RunFolder
+
+    fold = tmp_path / "train_x" / "run" / "fold0"
+    fold.mkdir(parents=True)
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    killed, live = fold / f"ckpt_best.pt.{files.HOST}.{dead}.tmp", fold / f"ckpt_last.pt.{files.HOST}.{os.getpid()}.tmp"
+    for tmp in (killed, live):
+        tmp.write_bytes(b"half")
+    RunFolder("train_x", "run", tmp_path).sub("fold0")
+    assert not killed.exists() and live.exists()
+
+
 def test_checkpoint_is_atomic_weights_only_and_rejects_other_models(tmp_path):
     runtime = setup_runtime("cpu", "float32")
     model = TinyModel()

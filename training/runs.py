@@ -21,7 +21,7 @@ import torch
 
 from common.config import ConfigError, to_jsonable
 from common.distributed import from_main, is_main, rank, world_size
-from common.files import atomic_write_text
+from common.files import atomic_write_text, remove_stale_temps
 from training.checkpoint import atomic_torch_save
 from training.metrics import summarize_folds
 
@@ -49,6 +49,7 @@ class RunFolder:
         self.dir = self.root / script / run_name
         if is_main():
             self.dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temps(self.dir)  # a checkpoint half-written when its run was killed
         self.last = self.dir / "ckpt_last.pt"
         self.best = self.dir / "ckpt_best.pt"
 
