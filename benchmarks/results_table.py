@@ -10,8 +10,8 @@ budget changed show it). Where more seeds finished (bench_<row>_seed<s>), two mo
 probabilities of the seeds' models averaged per clip, then the argmax; mean over folds).
 
 A calibration table puts each row's uncalibrated figure beside its person-calibrated rows (`<row>_cal`: all of
-each test person's clips, `_cal16` / `_cal8`: that many, `_calneutral`: the 4 neutral clips), as mean +- std over
-folds of seed 0 and, where more seeds finished, the mean over seeds. With CURVE_FIGURE the accuracy of Lite concat
+each test person's clips, `_cal16` / `_cal8` / `_cal4`: that many, `_calneutral`: the 4 neutral clips), as mean +-
+std over folds of seed 0 and, where more seeds finished, the mean over seeds. With CURVE_FIGURE the accuracy of Lite concat
 against the number of calibration clips is drawn there (PNG).
 
 A second table compares model selection and test-time averaging on the same trainings: per run (the rows' seed 0
@@ -64,7 +64,7 @@ CALIBRATED = [  # run name, script folder, model: rows that have person-calibrat
     ("bench_full_audio_au", "train_full_model", "MultimodalFER (cpu preset), audio + AUs"),
 ]
 CALIBRATIONS = (("", "uncalibrated"), ("_cal", "all clips"), ("_cal16", "16 clips"), ("_cal8", "8 clips"),
-                ("_calneutral", "4 neutral clips"))
+                ("_cal4", "4 clips"), ("_calneutral", "4 neutral clips"))
 CURVE_CLIPS = (("", 0), ("_cal4", 4), ("_cal8", 8), ("_cal16", 16), ("_cal30", 30), ("_cal", 60))
 CURVE_ROWS = (("bench_lite_concat", "Lite, concat fusion, audio + AUs"), ("bench_lite_au", "Lite, AUs"))
 
@@ -149,7 +149,7 @@ def accuracy_cell(runs: list[Path]) -> str:
 
 def print_calibration_table(root: Path) -> None:
     """Each calibrated row beside its uncalibrated one: 5-fold CV accuracy, test persons calibrated on their own
-    unlabeled clips (all, 16, 8) or their neutral clips."""
+    unlabeled clips (all, 16, 8, 4) or their neutral clips."""
     header = "| model, inputs | " + " | ".join(name for _, name in CALIBRATIONS) + " |"
     print("\n" + header + "\n" + "|---" * (len(CALIBRATIONS) + 1) + "|")
     for run, script, model in CALIBRATED:
