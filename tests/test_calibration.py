@@ -209,6 +209,20 @@ def test_a_calibrated_model_predicts_with_and_without_a_profile(calibrated_run, 
     assert json.loads((tmp_path / "reused.json").read_text())["calibration"].startswith("person profile")
 
 
+def test_a_calibrated_model_is_scored_with_and_without_calibration(calibrated_run, monkeypatch):
+    """benchmarks/calibration_without_profile.py: calibrated as in training it gives the run's own test accuracy;
+    without calibration the test clips reach the model as they are, so its inputs differ."""
+    from benchmarks import calibration_without_profile as check
+
+    inputs = []
+    real_evaluate = check.evaluate
+    monkeypatch.setattr(check, "evaluate", lambda model, loader, *args: inputs.append(next(iter(loader))["audio"])
+                        or real_evaluate(model, loader, *args))
+    calibrated, uncalibrated = check.fold_accuracies(calibrated_run.parent, calibrated_run)
+    assert calibrated == pytest.approx(json.loads((calibrated_run / "metrics.json").read_text())["accuracy"])
+    assert 0.0 <= uncalibrated <= 1.0 and not torch.allclose(inputs[0], inputs[1])
+
+
 def test_predict_calibration_flags_are_checked(calibrated_run, tmp_path):
     both = run_predict("x.wav", "--calibrate=a", "--profile=b.npz")
     assert both.returncode == 2 and both.stderr.strip().startswith("error: give --calibrate")
