@@ -11,8 +11,8 @@ probabilities of the seeds' models averaged per clip, then the argmax; mean over
 
 A calibration table puts each row's uncalibrated figure beside its person-calibrated rows (`<row>_cal`: all of
 each test person's clips, `_cal16` / `_cal8` / `_cal4`: that many, `_calneutral`: the 4 neutral clips), as mean +-
-std over folds of seed 0 and, where more seeds finished, the mean over seeds. With CURVE_FIGURE the accuracy of Lite concat
-against the number of calibration clips is drawn there (PNG).
+std over folds of seed 0 and, where more seeds finished, the mean over seeds. With CURVE_FIGURE the accuracy of
+Lite concat against the number of calibration clips is drawn there (PNG).
 
 A second table compares model selection and test-time averaging on the same trainings: per run (the rows' seed 0
 and SELECTION_RUNS), the mean over folds of the tested (selected) weights and of the `alternatives` each fold's

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 HOST = socket.gethostname()
 STALE_TEMP_SECONDS = 3600  # s, a temp file this old is a dead writer's even when its owner cannot be checked
 
@@ -71,3 +73,11 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    """`np.savez` of `arrays` to `path` exactly (no ".npz" appended), through `atomic_write`."""
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    atomic_write(path, write)

@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.files import atomic_savez
 from data.ravdess import EMOTIONS, DataError
 
 CALIBRATIONS = ("none", "person")
@@ -183,10 +184,8 @@ class PersonProfile:
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {f"{kind}_{part}": value for kind, pair in self.stats.items()
                   for part, value in zip(("mean", "std"), pair)}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, person=np.array(self.person), n_clips=np.array(self.n_clips),
-                 mean_only=np.array(self.mean_only), source=np.array(self.source), **arrays)
-        os.replace(tmp, path)
+        atomic_savez(path, person=np.array(self.person), n_clips=np.array(self.n_clips),
+                     mean_only=np.array(self.mean_only), source=np.array(self.source), **arrays)
         return path
 
     @classmethod

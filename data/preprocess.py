@@ -44,7 +44,7 @@ import torchaudio
 from tqdm import tqdm
 
 from data.ravdess import Clip, DataError, Discovery, scan
-from common.files import atomic_write_text, remove_stale_temps, temp_name
+from common.files import atomic_savez, atomic_write_text, remove_stale_temps
 
 try:
     import fcntl
@@ -429,15 +429,7 @@ def process_clip(clip: Clip, root: Path, settings: Settings) -> tuple[dict, dict
 def write_clip(clips_dir: Path, entry: dict, arrays: dict[str, np.ndarray]) -> None:
     """Write `<clip_id>.npz` atomically: the writer's own temp name first, then a rename, so an interrupted run
     leaves no half-written file that a rerun would take as finished (its temp file goes on a later run)."""
-    path = clips_dir / f"{entry['clip_id']}.npz"
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, meta=np.array(json.dumps(entry)), **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_savez(clips_dir / f"{entry['clip_id']}.npz", meta=np.array(json.dumps(entry)), **arrays)
 
 
 def read_meta(npz_path: Path) -> dict | None:
