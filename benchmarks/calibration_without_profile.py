@@ -7,6 +7,10 @@ tested weights (`ckpt_best.pt`) are scored on the fold's test actors twice, in e
 shifts: calibrated as in training, and not calibrated. An uncalibrated run scores the same twice and gives the
 figure to beat. This is what decides whether CALIBRATION can be the scripts' default.
 
+A third column scores the weights not calibrated on the test clips of the `*_calneutral` rows: the test persons'
+neutral clips calibrate those rows and are not scored, so their test set has no neutral clip. An uncalibrated run's
+figure there is the one a neutral-calibrated row is compared with.
+
     python benchmarks/calibration_without_profile.py --runs=bench_lite_au,bench_lite_au_cal
 Colab:
     !python benchmarks/calibration_without_profile.py --runs=bench_lite_concat,bench_lite_concat_cal
@@ -19,9 +23,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.fit_gap import run_folders  # noqa: E402
+from data.calibration import NEUTRAL_LABEL  # noqa: E402
 from data.setup import build_loaders, make_split, run_data_settings  # noqa: E402
 from training.checkpoint import load_checkpoint, rebuild_model  # noqa: E402
 from common.config import ConfigError, run_script  # noqa: E402
@@ -32,36 +38,45 @@ OUTPUT_DIR = "checkpoints"  # where the benchmark's run folders are
 RUNS = "bench_lite_au,bench_lite_au_cal"  # comma-separated run names (finished cross-validation runs)
 
 
-def fold_accuracies(folder: Path, fold_dir: Path) -> tuple[float, float]:
-    """(test accuracy calibrated as in training, test accuracy without calibration) of one fold's tested weights."""
+def without_neutral_clips(loader: DataLoader) -> DataLoader:
+    """`loader`'s clips less the neutral ones, in order: the test set of the neutral-calibrated rows."""
+    kept = [i for i, label in enumerate(loader.dataset.labels) if label != NEUTRAL_LABEL]
+    return DataLoader(Subset(loader.dataset, kept), batch_size=loader.batch_size, collate_fn=loader.collate_fn)
+
+
+def fold_accuracies(folder: Path, fold_dir: Path) -> tuple[float, float, float]:
+    """Test accuracies of one fold's tested weights: calibrated as in training, not calibrated, and not calibrated
+    without the neutral clips."""
     config = json.loads((folder / "config.json").read_text())["config"]
     fold = json.loads((fold_dir / "metrics.json").read_text())["fold"]
     split = make_split(Path(config["CACHE_DIR"]), config["ACTORS"], config["N_FOLDS"], fold, config["N_VAL_ACTORS"])
     model = rebuild_model(load_checkpoint(fold_dir / "ckpt_best.pt"), fold_dir)
+    runtime = setup_runtime("cpu", "float32", 0)
     scores = []
     for calibration in (config["CALIBRATION"], "none"):
         settings = dataclasses.replace(run_data_settings(config), spec_augment=False, frame_augment=False,
                                        num_workers=0, calibration=calibration)
         loaders = build_loaders(Path(config["CACHE_DIR"]), split, settings)
-        scores.append(evaluate(model, loaders.test, setup_runtime("cpu", "float32", 0),
-                               len(loaders.class_names))["accuracy"])
-    return scores[0], scores[1]
+        scores.append(evaluate(model, loaders.test, runtime, len(loaders.class_names))["accuracy"])
+    scores.append(evaluate(model, without_neutral_clips(loaders.test), runtime, len(loaders.class_names))["accuracy"])
+    return scores[0], scores[1], scores[2]
 
 
 def main() -> dict:
     folders = run_folders(Path(OUTPUT_DIR), [name for name in RUNS.split(",") if name])
     if not folders:
         raise ConfigError(f"no finished cross-validation run of {RUNS!r} under {OUTPUT_DIR}")
-    print("| run | calibration in training | test, calibrated as in training | test, not calibrated |")
-    print("|---|---|---|---|")
+    print("| run | calibration in training | test, calibrated as in training | test, not calibrated "
+          "| not calibrated, neutral clips not scored |")
+    print("|---|---|---|---|---|")
     results = {}
     for folder in folders:
         config = json.loads((folder / "config.json").read_text())["config"]
-        pairs = np.array([fold_accuracies(folder, fold_dir) for fold_dir in sorted(folder.glob("fold*"))])
-        results[folder.name] = pairs
-        mean, std = 100 * pairs.mean(0), 100 * pairs.std(0)
+        accuracies = np.array([fold_accuracies(folder, fold_dir) for fold_dir in sorted(folder.glob("fold*"))])
+        results[folder.name] = accuracies
+        mean, std = 100 * accuracies.mean(0), 100 * accuracies.std(0)
         print(f"| {folder.name} | {config['CALIBRATION']} | {mean[0]:.1f}% +- {std[0]:.1f} | "
-              f"{mean[1]:.1f}% +- {std[1]:.1f} |", flush=True)
+              f"{mean[1]:.1f}% +- {std[1]:.1f} | {mean[2]:.1f}% +- {std[2]:.1f} |", flush=True)
     return results
 
 

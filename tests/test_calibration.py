@@ -211,16 +211,23 @@ def test_a_calibrated_model_predicts_with_and_without_a_profile(calibrated_run, 
 
 def test_a_calibrated_model_is_scored_with_and_without_calibration(calibrated_run, monkeypatch):
     """benchmarks/calibration_without_profile.py: calibrated as in training it gives the run's own test accuracy;
-    without calibration the test clips reach the model as they are, so its inputs differ."""
+    without calibration the test clips reach the model as they are, so its inputs differ; the third score is on the
+    test clips less the neutral ones (the neutral-calibrated rows' test set)."""
     from benchmarks import calibration_without_profile as check
 
-    inputs = []
+    loaders = []
     real_evaluate = check.evaluate
-    monkeypatch.setattr(check, "evaluate", lambda model, loader, *args: inputs.append(next(iter(loader))["audio"])
+    monkeypatch.setattr(check, "evaluate", lambda model, loader, *args: loaders.append(loader)
                         or real_evaluate(model, loader, *args))
-    calibrated, uncalibrated = check.fold_accuracies(calibrated_run.parent, calibrated_run)
+    calibrated, uncalibrated, without_neutral = check.fold_accuracies(calibrated_run.parent, calibrated_run)
     assert calibrated == pytest.approx(json.loads((calibrated_run / "metrics.json").read_text())["accuracy"])
-    assert 0.0 <= uncalibrated <= 1.0 and not torch.allclose(inputs[0], inputs[1])
+    assert 0.0 <= uncalibrated <= 1.0 and 0.0 <= without_neutral <= 1.0
+    batches = [next(iter(loader)) for loader in loaders]
+    assert not torch.allclose(batches[0]["audio"], batches[1]["audio"])
+    test_labels = list(loaders[1].dataset.labels)
+    scored_labels = [int(label) for batch in loaders[2] for label in batch["label"]]
+    assert NEUTRAL_LABEL in test_labels
+    assert scored_labels == [label for label in test_labels if label != NEUTRAL_LABEL]
 
 
 def test_predict_calibration_flags_are_checked(calibrated_run, tmp_path):
