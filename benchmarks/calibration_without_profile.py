@@ -44,6 +44,15 @@ def without_neutral_clips(loader: DataLoader) -> DataLoader:
     return DataLoader(Subset(loader.dataset, kept), batch_size=loader.batch_size, collate_fn=loader.collate_fn)
 
 
+def scored_loader(config: dict, split, calibration: str) -> tuple[DataLoader, int]:
+    """The run's test loader with person calibration `calibration` (none | person), without augmentation, and the
+    number of classes."""
+    settings = dataclasses.replace(run_data_settings(config), spec_augment=False, frame_augment=False,
+                                   num_workers=0, calibration=calibration)
+    loaders = build_loaders(Path(config["CACHE_DIR"]), split, settings)
+    return loaders.test, len(loaders.class_names)
+
+
 def fold_accuracies(folder: Path, fold_dir: Path) -> tuple[float, float, float]:
     """Test accuracies of one fold's tested weights: calibrated as in training, not calibrated, and not calibrated
     without the neutral clips."""
@@ -52,14 +61,13 @@ def fold_accuracies(folder: Path, fold_dir: Path) -> tuple[float, float, float]:
     split = make_split(Path(config["CACHE_DIR"]), config["ACTORS"], config["N_FOLDS"], fold, config["N_VAL_ACTORS"])
     model = rebuild_model(load_checkpoint(fold_dir / "ckpt_best.pt"), fold_dir)
     runtime = setup_runtime("cpu", "float32", 0)
-    scores = []
-    for calibration in (config["CALIBRATION"], "none"):
-        settings = dataclasses.replace(run_data_settings(config), spec_augment=False, frame_augment=False,
-                                       num_workers=0, calibration=calibration)
-        loaders = build_loaders(Path(config["CACHE_DIR"]), split, settings)
-        scores.append(evaluate(model, loaders.test, runtime, len(loaders.class_names))["accuracy"])
-    scores.append(evaluate(model, without_neutral_clips(loaders.test), runtime, len(loaders.class_names))["accuracy"])
-    return scores[0], scores[1], scores[2]
+    plain, n_classes = scored_loader(config, split, "none")
+    # An uncalibrated run is tested on the plain inputs: the same loader, not a second build of it.
+    as_trained = plain if config["CALIBRATION"] == "none" else scored_loader(config, split, config["CALIBRATION"])[0]
+    calibrated, uncalibrated, without_neutral = (
+        evaluate(model, loader, runtime, n_classes)["accuracy"]
+        for loader in (as_trained, plain, without_neutral_clips(plain)))
+    return calibrated, uncalibrated, without_neutral
 
 
 def main() -> dict:
