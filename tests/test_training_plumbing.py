@@ -210,6 +210,29 @@ def test_a_run_folder_removes_the_checkpoint_a_killed_run_was_writing(tmp_path):
     assert not killed.exists() and live.exists()
 
 
+def test_a_run_lists_every_machine_it_trained_on(tmp_path, monkeypatch):
+    """A run resumed on another CPU keeps the first machine in config.json and adds the second; reopening on the
+    same machine adds nothing, and a restart forgets the deleted run's machines."""
+    import json
+
+    from training import runs
+
+    def config_machines() -> list:
+        return json.loads((tmp_path / "train_x" / "run" / "config.json").read_text())["machines"]
+
+    first = runs.this_machine()
+    assert first["cpu"] and first["torch_threads"] == torch.get_num_threads()
+    runs.open_run("train_x", "run", str(tmp_path), {"LR": 1.0}, "cpu").log({"epoch": 1})
+    runs.open_run("train_x", "run", str(tmp_path), {"LR": 1.0}, "cpu")
+    assert config_machines() == [first]
+    other = {"cpu": "Another CPU", "torch_threads": 64}
+    monkeypatch.setattr(runs, "this_machine", lambda: other)
+    runs.open_run("train_x", "run", str(tmp_path), {"LR": 1.0}, "cpu")
+    assert config_machines() == [first, other]
+    runs.open_run("train_x", "run", str(tmp_path), {"LR": 1.0}, "cpu", restart=True)
+    assert config_machines() == [other]
+
+
 def test_checkpoint_is_atomic_weights_only_and_rejects_other_models(tmp_path):
     runtime = setup_runtime("cpu", "float32")
     model = TinyModel()

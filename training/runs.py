@@ -64,15 +64,21 @@ class RunFolder:
         """A nested run folder (one per cross-validation fold)."""
         return RunFolder(self.script, f"{self.run_name}/{name}", root=self.root)
 
-    def write_config(self, config: dict, runtime_description: str = "") -> None:
+    def write_config(self, config: dict, runtime_description: str = "", earlier_machines: list | None = None) -> None:
+        """config.json; `machines` lists each machine the run trained on (a resume on another CPU can change the
+        floats of a run: the first place to look when a rerun does not repeat)."""
         if not is_main():
             return
+        machines = list(earlier_machines or [])
+        if this_machine() not in machines:
+            machines.append(this_machine())
         info = {
             "config": to_jsonable(config),
             "argv": sys.argv,
             "git_commit": _git_commit(),
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
             "device": runtime_description,
+            "machines": machines,
             "written": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
         atomic_write_text(self.dir / "config.json", json.dumps(info, indent=2))
@@ -236,6 +242,18 @@ def changed_constants(script: str, old: dict, new: dict, added_constants: dict |
             and old.get(k) != new.get(k) and not only_retests(k, old.get(k), new.get(k))]
 
 
+def this_machine() -> dict:
+    """The CPU model (from /proc/cpuinfo where there is one) and torch's thread count: what decides a CPU run's
+    kernels, and so its floats, beyond the code and the seed."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "torch_threads": torch.get_num_threads()}
+
+
 def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_description: str,
              restart: bool = False, added_constants: dict | None = None) -> RunFolder:
     """The run folder, with config.json written; refuses to continue a run made with other constants.
@@ -253,7 +271,7 @@ def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_
         previous = None  # an attempt that failed before training holds no result a change could mix with
     if previous is not None and restart:
         shutil.rmtree(run.dir)
-        run = RunFolder(script, run_name, output_dir)
+        run, previous = RunFolder(script, run_name, output_dir), None
     elif previous is not None:
         changed = changed_constants(script, previous.get("config", {}), to_jsonable(config), added_constants)
         if changed:
@@ -261,7 +279,7 @@ def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_
             more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
             raise ConfigError(f"{run.dir} was made with other constants ({detail}{more}); use another --run_name, "
                               "or --restart=True to delete it and start over")
-    run.write_config(config, runtime_description)
+    run.write_config(config, runtime_description, (previous or {}).get("machines"))
     return run
 
 
