@@ -212,7 +212,8 @@ def test_a_run_folder_removes_the_checkpoint_a_killed_run_was_writing(tmp_path):
 
 def test_a_run_lists_every_machine_it_trained_on(tmp_path, monkeypatch):
     """A run resumed on another CPU keeps the first machine in config.json and adds the second; reopening on the
-    same machine adds nothing, and a restart forgets the deleted run's machines."""
+    same machine adds nothing (also when a script writes its config without open_run), and a restart forgets the
+    deleted run's machines."""
     import json
 
     from training import runs
@@ -228,6 +229,8 @@ def test_a_run_lists_every_machine_it_trained_on(tmp_path, monkeypatch):
     other = {"cpu": "Another CPU", "torch_threads": 64}
     monkeypatch.setattr(runs, "this_machine", lambda: other)
     runs.open_run("train_x", "run", str(tmp_path), {"LR": 1.0}, "cpu")
+    assert config_machines() == [first, other]
+    runs.RunFolder("train_x", "run", tmp_path).write_config({"LR": 1.0})  # pretrain_visual.py's resume
     assert config_machines() == [first, other]
     runs.open_run("train_x", "run", str(tmp_path), {"LR": 1.0}, "cpu", restart=True)
     assert config_machines() == [other]

@@ -64,14 +64,16 @@ class RunFolder:
         """A nested run folder (one per cross-validation fold)."""
         return RunFolder(self.script, f"{self.run_name}/{name}", root=self.root)
 
-    def write_config(self, config: dict, runtime_description: str = "", earlier_machines: list | None = None) -> None:
-        """config.json; `machines` lists each machine the run trained on (a resume on another CPU can change the
-        floats of a run: the first place to look when a rerun does not repeat)."""
+    def write_config(self, config: dict, runtime_description: str = "") -> None:
+        """config.json; `machines` lists each machine the run trained on, kept from the config.json it replaces
+        when the run has trained (a resume on another CPU can change the floats of a run: the first place to look
+        when a rerun does not repeat)."""
         if not is_main():
             return
-        machines = list(earlier_machines or [])
-        if this_machine() not in machines:
-            machines.append(this_machine())
+        earlier = self.read_metrics("config.json") if self.has_trained() else None
+        machines, machine = list((earlier or {}).get("machines", [])), this_machine()
+        if machine not in machines:
+            machines.append(machine)
         info = {
             "config": to_jsonable(config),
             "argv": sys.argv,
@@ -271,7 +273,7 @@ def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_
         previous = None  # an attempt that failed before training holds no result a change could mix with
     if previous is not None and restart:
         shutil.rmtree(run.dir)
-        run, previous = RunFolder(script, run_name, output_dir), None
+        run = RunFolder(script, run_name, output_dir)
     elif previous is not None:
         changed = changed_constants(script, previous.get("config", {}), to_jsonable(config), added_constants)
         if changed:
@@ -279,7 +281,7 @@ def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_
             more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
             raise ConfigError(f"{run.dir} was made with other constants ({detail}{more}); use another --run_name, "
                               "or --restart=True to delete it and start over")
-    run.write_config(config, runtime_description, (previous or {}).get("machines"))
+    run.write_config(config, runtime_description)
     return run
 
 
