@@ -223,6 +223,7 @@ def test_a_run_lists_every_machine_it_trained_on(tmp_path, monkeypatch):
 
     first = runs.this_machine()
     assert first["cpu"] and first["torch_threads"] == torch.get_num_threads()
+    assert first["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     runs.open_run("train_x", "run", str(tmp_path), {"LR": 1.0}, "cpu").log({"epoch": 1})
     runs.open_run("train_x", "run", str(tmp_path), {"LR": 1.0}, "cpu")
     assert config_machines() == [first]

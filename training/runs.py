@@ -245,15 +245,20 @@ def changed_constants(script: str, old: dict, new: dict, added_constants: dict |
 
 
 def this_machine() -> dict:
-    """The CPU model (from /proc/cpuinfo where there is one) and torch's thread count: what decides a CPU run's
-    kernels, and so its floats, beyond the code and the seed."""
+    """The CPU (model name, and family and model numbers from /proc/cpuinfo where there is one: virtual machines often
+    name every CPU "Intel(R) Xeon(R) Processor"), the vector instruction set torch's CPU kernels dispatch to, and
+    torch's thread count: what decides a CPU run's kernels, and so its floats, beyond the code and the seed."""
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                 if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return {"cpu": cpu, "torch_threads": torch.get_num_threads()}
+        fields = {}
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+        if "model name" in fields:
+            cpu = f"{fields['model name']} (family {fields.get('cpu family', '?')}, model {fields.get('model', '?')})"
+    return {"cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_threads": torch.get_num_threads()}
 
 
 def open_run(script: str, run_name: str, output_dir: str, config: dict, runtime_description: str,
