@@ -12,7 +12,8 @@ probabilities of the seeds' models averaged per clip, then the argmax; mean over
 A calibration table puts each row's uncalibrated figure beside its person-calibrated rows (`<row>_cal`: all of
 each test person's clips, `_cal16` / `_cal8` / `_cal4`: that many, `_calneutral`: the 4 neutral clips), as mean +-
 std over folds of seed 0 and, where more seeds finished, the mean over seeds. With CURVE_FIGURE the accuracy of
-Lite concat against the number of calibration clips is drawn there (PNG).
+Lite concat and Lite AUs against the number of calibration clips is drawn there (PNG; each point the mean over the
+seeds that finished, which it names).
 
 A second table compares model selection and test-time averaging on the same trainings: per run (the rows' seed 0
 and SELECTION_RUNS), the mean over folds of the tested (selected) weights and of the `alternatives` each fold's
@@ -85,6 +86,11 @@ def seed_runs(root: Path, script: str, run: str) -> list[Path]:
     return [root / script / name for name in names if (root / script / name / "cv_metrics.json").exists()]
 
 
+def seed_of(run: Path) -> int:
+    """The seed of a benchmark run folder: bench_<row>_seed<s>, or 0 for bench_<row>."""
+    return int(run.name.rpartition("_seed")[2]) if "_seed" in run.name else 0
+
+
 def epochs_trained(run: Path) -> int:
     """Epochs that fold 0 of `run` trained (all stages): the budget the row was measured with."""
     return json.loads((run / "fold0" / "log.jsonl").read_text().splitlines()[-1])["epoch"]
@@ -136,12 +142,13 @@ def main() -> None:
 
 
 def accuracy_cell(runs: list[Path]) -> str:
-    """Seed 0's mean +- std over folds; with several seeds also their mean +- std ('-' without a finished run)."""
+    """Seed 0's mean +- std over folds ('-' where seed 0 did not finish); with other seeds also the mean +- std over
+    the seeds ('-' without a finished run)."""
     if not runs:
         return "-"
     means = [json.loads((r / "cv_metrics.json").read_text())["accuracy"] for r in runs]
-    cell = f"{means[0]['mean']:.1%} +- {means[0]['std']:.1%}"
-    if len(runs) > 1:
+    cell = f"{means[0]['mean']:.1%} +- {means[0]['std']:.1%}" if seed_of(runs[0]) == 0 else "-"
+    if len(runs) > 1 or seed_of(runs[0]) != 0:
         over = [m["mean"] for m in means]
         cell += f" (seeds: {np.mean(over):.1%} +- {np.std(over):.1%}, {len(runs)})"
     return cell
@@ -158,9 +165,22 @@ def print_calibration_table(root: Path) -> None:
             print(f"| {model} | " + " | ".join(cells) + " |")
 
 
+def curve_points(root: Path, run: str) -> list[tuple[int, float, float, list[int]]]:
+    """(clips, mean, std, seeds) per finished point of a curve row: mean and std over the folds of every seed that
+    finished (equal folds per seed, so the mean is the mean over seeds)."""
+    points = []
+    for suffix, clips in CURVE_CLIPS:
+        runs = seed_runs(root, "train_lite_model", f"{run}{suffix}")
+        if runs:
+            folds = [a for r in runs for a in json.loads((r / "cv_metrics.json").read_text())["accuracy"]["per_fold"]]
+            points.append((clips, float(np.mean(folds)), float(np.std(folds)), [seed_of(r) for r in runs]))
+    return points
+
+
 def plot_calibration_curve(root: Path, path: Path) -> None:
-    """CV accuracy (mean +- std over folds, seed 0) of the CURVE_ROWS against calibration clips per person; the
-    points whose runs finished."""
+    """CV accuracy of the CURVE_ROWS against calibration clips per person, the points whose runs finished: mean over
+    the seeds that finished, error bars the std over their folds; the seeds are printed and written beside a point
+    that has other seeds than 0 alone."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -169,16 +189,18 @@ def plot_calibration_curve(root: Path, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4))
     drawn = 0
     for run, label in CURVE_ROWS:
-        points = []
-        for suffix, clips in CURVE_CLIPS:
-            runs = seed_runs(root, "train_lite_model", f"{run}{suffix}")
-            if runs:
-                acc = json.loads((runs[0] / "cv_metrics.json").read_text())["accuracy"]
-                points.append((clips, acc["mean"], acc["std"]))
-        if points:
-            x, mean, std = (np.array(v) for v in zip(*points))
-            ax.errorbar(x, 100 * mean, yerr=100 * std, marker="o", capsize=4, label=label)
-            drawn += 1
+        points = curve_points(root, run)
+        if not points:
+            continue
+        x, mean, std, seeds = zip(*points)
+        ax.errorbar(x, 100 * np.array(mean), yerr=100 * np.array(std), marker="o", capsize=4, label=label)
+        for clips, accuracy, point_seeds in zip(x, mean, seeds):
+            if point_seeds != [0]:
+                ax.annotate("seeds " + ",".join(map(str, point_seeds)), (clips, 100 * accuracy), fontsize=7,
+                            textcoords="offset points", xytext=(5, -11))
+        print(f"curve {label}: " + ", ".join(f"{c} clips {a:.1%} (seeds {','.join(map(str, s))})"
+                                             for c, a, _, s in points))
+        drawn += 1
     if not drawn:
         plt.close(fig)
         print(f"no curve row finished: {path} not drawn", file=sys.stderr)
@@ -186,7 +208,7 @@ def plot_calibration_curve(root: Path, path: Path) -> None:
     ticks = [clips for _, clips in CURVE_CLIPS]
     ax.set_xticks(ticks, ["none" if c == 0 else "all (60)" if c == 60 else str(c) for c in ticks])
     ax.set_xlabel("calibration clips per person (unlabeled)")
-    ax.set_ylabel("accuracy, % (5-fold actor CV, seed 0)")
+    ax.set_ylabel("accuracy, % (5-fold actor CV, mean over seeds)")
     ax.set_title("Person calibration, actors 1-20")
     ax.grid(alpha=0.3)
     ax.legend()

@@ -72,7 +72,8 @@ def test_calibrated_rows_stand_beside_the_uncalibrated_one_and_draw_the_curve(tm
     write_run(tmp_path, "bench_simple_audio_au", [[right, wrong]], clips)
     write_run(tmp_path, "bench_simple_audio_au_cal", [[right, one_hot(2, 0.9)]], clips)
     write_run(tmp_path, "bench_simple_audio_au_cal_seed1", [[wrong, wrong]], clips)
-    for suffix, probabilities in (("", [right, wrong]), ("_cal8", [right, one_hot(2, 0.9)])):
+    for suffix, probabilities in (("", [right, wrong]), ("_cal8", [right, one_hot(2, 0.9)]),
+                                  ("_cal8_seed1", [wrong, wrong]), ("_cal16_seed2", [right, one_hot(2, 0.9)])):
         write_run(tmp_path, f"bench_lite_concat{suffix}", [probabilities], clips, script="train_lite_model")
     monkeypatch.setattr(results_table, "OUTPUT_DIR", str(tmp_path))
     monkeypatch.setattr(results_table, "CURVE_FIGURE", str(tmp_path / "curve.png"))
@@ -80,7 +81,11 @@ def test_calibrated_rows_stand_beside_the_uncalibrated_one_and_draw_the_curve(tm
     out = capsys.readouterr().out
     assert ("| SimpleCNN, audio + AUs | 50.0% +- 0.0% | 100.0% +- 0.0% (seeds: 50.0% +- 50.0%, 2) | - | - | - |"
             in out)
-    assert "| Lite, concat fusion, audio + AUs | 50.0% +- 0.0% | - | - | 100.0% +- 0.0% | - |" in out
+    # A point without seed 0 is the mean of the seeds that finished, named as such in the table and the curve.
+    assert ("| Lite, concat fusion, audio + AUs | 50.0% +- 0.0% | - | - (seeds: 100.0% +- 0.0%, 1) | "
+            "100.0% +- 0.0% (seeds: 50.0% +- 50.0%, 2) | - |") in out
+    assert ("curve Lite, concat fusion, audio + AUs: 0 clips 50.0% (seeds 0), 8 clips 50.0% (seeds 0,1), "
+            "16 clips 100.0% (seeds 2)") in out
     assert (tmp_path / "curve.png").stat().st_size > 0
 
 
