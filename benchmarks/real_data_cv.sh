@@ -51,8 +51,13 @@ ROWS=(  # name|script and arguments: one row of the results table each
   "simple_audio_au|$SIMPLE"
   "full_audio_au|$FULL"
   "simple_audio_au_cal|$SIMPLE $CAL"
+  "simple_audio_au_cal16|$SIMPLE $CAL --calibration_clips=16"
+  "simple_audio_au_cal8|$SIMPLE $CAL --calibration_clips=8"
+  "simple_audio_au_calneutral|$SIMPLE $CAL --calibration_source=neutral"
   "lite_audio_cal|$LITE --modalities=audio --fusion=concat $CAL"
   "lite_audio_cal16|$LITE --modalities=audio --fusion=concat $CAL --calibration_clips=16"
+  "lite_audio_cal8|$LITE --modalities=audio --fusion=concat $CAL --calibration_clips=8"
+  "lite_audio_calneutral|$LITE --modalities=audio --fusion=concat $CAL --calibration_source=neutral"
   "lite_au_cal|$LITE --modalities=visual --fusion=concat $CAL"
   "lite_au_cal30|$LITE --modalities=visual --fusion=concat $CAL --calibration_clips=30"
   "lite_au_cal16|$LITE --modalities=visual --fusion=concat $CAL --calibration_clips=16"
@@ -77,6 +82,13 @@ for row in "${ROWS[@]}"; do
   name="${row%%|*}"
   if [[ -z "${ROWS_TO_RUN:-}" && "$name" != *_handset ]] || [[ " ${ROWS_TO_RUN:-} " == *" $name "* ]]; then
     SELECTED+=("$row")
+  fi
+done
+NAMES=" ${ROWS[*]%%|*} "
+for name in ${ROWS_TO_RUN:-}; do  # a misspelt row would otherwise run nothing and exit 0
+  if [[ "$NAMES" != *" $name "* ]]; then
+    echo "error: ROWS_TO_RUN names '$name', which is not a row; the rows:${NAMES% }" >&2
+    exit 2
   fi
 done
 run_name() {  # row name, seed

@@ -127,13 +127,18 @@ def test_fit_gap_scores_the_training_actors_without_augmentation(simple_script, 
     assert (tmp_path / "fit_gap.png").stat().st_size > 0
 
 
-def benchmark_runs(tmp_path, **env: str) -> list[str]:
-    """The run names benchmarks/real_data_cv.sh would train, with `true` standing in for python (nothing runs)."""
+def run_benchmark_script(tmp_path, **env: str) -> subprocess.CompletedProcess:
+    """benchmarks/real_data_cv.sh with `true` standing in for python (nothing trains)."""
     script = tmp_path / "benchmarks" / "real_data_cv.sh"  # a copy: the script writes logs next to its folder
     script.parent.mkdir(exist_ok=True)
     script.write_text((REPO / "benchmarks" / "real_data_cv.sh").read_text())
-    done = subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=60,
+    return subprocess.run(["bash", str(script), str(tmp_path)], capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHON": "true", **env})
+
+
+def benchmark_runs(tmp_path, **env: str) -> list[str]:
+    """The run names benchmarks/real_data_cv.sh would train."""
+    done = run_benchmark_script(tmp_path, **env)
     assert done.returncode == 0, done.stderr
     return [line.removeprefix("== ") for line in done.stdout.splitlines() if line.startswith("== ")]
 
@@ -149,3 +154,9 @@ def test_previous_constants_rows_run_only_when_named(tmp_path):
     assert "bench_lite_concat" in default and not any(run.endswith("_handset") for run in default)
     assert benchmark_runs(tmp_path, ROWS_TO_RUN="lite_audio_handset lite_audio", SEEDS="0 2") == [
         "bench_lite_audio", "bench_lite_audio_handset", "bench_lite_audio_seed2", "bench_lite_audio_handset_seed2"]
+
+
+def test_a_misspelt_row_is_an_error_not_an_empty_run(tmp_path):
+    done = run_benchmark_script(tmp_path, ROWS_TO_RUN="lite_audio lite_concat_cal_16")
+    assert done.returncode == 2 and "== " not in done.stdout
+    assert "'lite_concat_cal_16', which is not a row" in done.stderr and " lite_concat_cal16 " in done.stderr
