@@ -17,6 +17,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 import tokenize
 from dataclasses import dataclass
 from pathlib import Path
@@ -303,6 +304,19 @@ def parse_actors(spec: str | int | list | tuple) -> list[int]:
     return sorted(actors)
 
 
+# How long a torchrun process other than rank 0 waits for rank 0 to say the same mistake and for the job to stop.
+RANK_0_REPORT_SECONDS = 30
+
+
+def report_user_error(err: Exception) -> None:
+    """Print `error: ...` once per job. Under torchrun every process usually meets the same mistake (often before the
+    process group exists) and rank 0 says it. The others wait: a rank that exited first would have torchrun kill rank 0
+    before it spoke; rank 0 exiting gets them stopped. A mistake that rank 0 did not meet is said after the wait."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        time.sleep(RANK_0_REPORT_SECONDS)
+    print(f"error: {err}", file=sys.stderr)
+
+
 def run_script(main: Callable[..., object], namespace: dict, argv: list[str],
                user_errors: tuple[type[Exception], ...] = (), takes_paths: bool = False) -> None:
     """Apply `--key=value` overrides to a script's constants, then run `main`; a user mistake (a `ConfigError` or
@@ -320,9 +334,7 @@ def run_script(main: Callable[..., object], namespace: dict, argv: list[str],
         apply_overrides(namespace, [arg for arg in argv if arg not in paths])
         status = main(paths) if takes_paths else main()
     except (ConfigError, *user_errors) as err:
-        # Under torchrun every process gets the same mistake (often before the process group exists): one says it.
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"error: {err}", file=sys.stderr)
+        report_user_error(err)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted (a training script resumes from its last checkpoint when run again with the same RUN_NAME)",

@@ -217,3 +217,19 @@ def test_a_bad_flag_under_torchrun_is_said_once():
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: unknown option --batchsize")]
     assert len(errors) == 1, done.stderr
+
+
+def test_a_mistake_only_another_rank_met_is_said_after_rank_0_had_its_turn(monkeypatch, capsys):
+    """A rank other than 0 waits before it speaks, so that it cannot end the job before rank 0 says the mistake."""
+    import common.config as config
+    waits = []
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(config.time, "sleep", waits.append)
+
+    def fails() -> None:
+        raise ConfigError("this rank's own mistake")
+    with pytest.raises(SystemExit) as ended:
+        run_script(fails, {}, [])
+    assert ended.value.code == 2
+    assert waits == [config.RANK_0_REPORT_SECONDS]
+    assert capsys.readouterr().err == "error: this rank's own mistake\n"
